@@ -1,0 +1,245 @@
+"""WikiText-2 at word level: text sources, vocabulary, chunks and batches (SPEC section 1).
+
+Tokens are `line.strip().split()` of every line, empty lines dropped, lines
+concatenated with no end-of-line token. The vocabulary comes from the train split
+only: `<pad>` = 0, `<unk>` = 1, then the most frequent train tokens. The id stream
+of each split is cut into non-overlapping chunks of n_seq + 1 ids (the tail is
+dropped); a chunk gives x = chunk[:-1] and y = chunk[1:]. Train batches follow a
+permutation that depends only on (seed, epoch), so a resumed run can skip batches.
+
+Text sources, in order of precedence: explicit `train_file` / `valid_file`, a local
+`data_dir`, `dataset: fixture` (the synthetic corpus of `physlm.fixture`), and
+finally the HuggingFace hub (`datasets`, installed with the `hub` extra).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from physlm.config import DataConfig
+from physlm.fixture import fixture_dir
+
+PAD, UNK = "<pad>", "<unk>"
+HUB_NAME = "wikitext-2-raw-v1"
+# Split -> names it may have in the data folder, in order of preference.
+_SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "validation")}
+_OFFLINE_HELP = (
+    "To provide the data: set data_dir to a folder holding wiki.train.raw and "
+    "wiki.valid.raw; or set train_file and valid_file; or offline use "
+    "params/wt2_proxy.yaml (data_dir: ../shared/data/wikitext-2-raw, the real-text "
+    "proxy); or set dataset: fixture for the bundled synthetic corpus."
+)
+
+
+class DataError(ValueError):
+    """The text could not be found, read or turned into training sequences."""
+
+
+def tokenize(lines: Iterable[str]) -> list[str]:
+    """Whitespace tokens of every line, concatenated; empty lines add nothing."""
+    return [token for line in lines for token in line.strip().split()]
+
+
+class Vocabulary:
+    """Word <-> id mapping: `<pad>` = 0, `<unk>` = 1, then words by falling frequency."""
+
+    def __init__(self, itos: list[str]) -> None:
+        if itos[:2] != [PAD, UNK] or len(set(itos)) != len(itos):
+            raise DataError(f"a vocabulary starts with {PAD!r}, {UNK!r} and has no duplicates")
+        self.itos = list(itos)
+        self.stoi = {word: index for index, word in enumerate(self.itos)}
+
+    @classmethod
+    def build(cls, tokens: Iterable[str], max_size: int) -> Vocabulary:
+        """The `max_size - 2` most frequent tokens (ties: first seen first) after the specials.
+
+        The literal tokens `<pad>` and `<unk>` (`.tokens` files contain `<unk>`) are not
+        counted as words; `<unk>` in the text therefore encodes to id 1.
+        """
+        if max_size < 3:
+            raise DataError(f"vocab_size must be >= 3, got {max_size}")
+        counts = Counter(tokens)
+        for special in (PAD, UNK):
+            counts.pop(special, None)
+        return cls([PAD, UNK] + [word for word, _ in counts.most_common(max_size - 2)])
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, tokens: Iterable[str]) -> torch.Tensor:
+        """int64 ids; unknown words map to 1 (`<unk>`)."""
+        stoi = self.stoi
+        return torch.tensor([stoi.get(token, 1) for token in tokens], dtype=torch.long)
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        return [self.itos[int(index)] for index in ids]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"itos": self.itos}, ensure_ascii=False),
+                              encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        try:
+            return cls(json.loads(Path(path).read_text(encoding="utf-8"))["itos"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise DataError(f"cannot read vocabulary {Path(path).absolute()}: {error}") from error
+
+
+@dataclass
+class Corpus:
+    """Everything the trainer needs from the data."""
+
+    vocab: Vocabulary
+    train: torch.Tensor  # (num_train_chunks, n_seq + 1) int64
+    valid: torch.Tensor  # (num_valid_chunks, n_seq + 1) int64
+    source: str  # human-readable: "hub wikitext-2-raw-v1" or the file paths
+    files: dict[str, str] = field(default_factory=dict)  # split -> path (empty for the hub)
+    checksums: dict[str, str] = field(default_factory=dict)  # split -> sha256 of the raw text
+    num_tokens: dict[str, int] = field(default_factory=dict)  # split -> token count
+
+
+def _describe_dir(directory: Path) -> str:
+    names = sorted(p.name for p in directory.iterdir())
+    return ", ".join(names) if names else "nothing"
+
+
+def _resolve_files(data: DataConfig) -> dict[str, Path]:
+    """Split -> local file, from train_file / valid_file and data_dir."""
+    base = Path(data.data_dir).expanduser().resolve() if data.data_dir else None
+    if base is not None and not base.is_dir():
+        raise DataError(f"data_dir: folder not found: {base}")
+    explicit = {"train": data.train_file, "valid": data.valid_file}
+    files = {}
+    for split, names in _SPLIT_NAMES.items():
+        key = f"{split}_file"
+        if explicit[split]:
+            path = Path(explicit[split]).expanduser()
+            path = (base / path if base else path).resolve()
+            if not path.is_file():
+                where = f"data_dir {base}" if base else "the current directory"
+                raise DataError(f"{key}: file not found: {path} "
+                                f"(relative paths resolve against {where})")
+        elif base is not None:
+            candidates = [pattern.format(name) for name in names
+                          for pattern in ("wiki.{}.raw", "wiki.{}.tokens", "{}.txt")]
+            path = next((base / c for c in candidates if (base / c).is_file()), None)
+            if path is None:
+                raise DataError(f"data_dir {base} has no {split} split: looked for "
+                                f"{', '.join(candidates)}; it holds {_describe_dir(base)}")
+        else:
+            raise DataError(f"{key} is not set and there is no data_dir to find the "
+                            f"{split} split in. {_OFFLINE_HELP}")
+        files[split] = path
+    return files
+
+
+def _read_text(path: Path) -> tuple[str, str]:
+    """(text, sha256 of its bytes); the text must be UTF-8."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8: undecodable byte at offset {error.start} "
+                        f"({error.reason}); re-encode it to UTF-8, e.g. "
+                        f"`iconv -f latin1 -t utf-8`") from error
+    return text, hashlib.sha256(raw).hexdigest()
+
+
+def _load_hub() -> dict[str, list[str]]:
+    """Split -> rows of the hub's wikitext-2-raw-v1 (one row per line, blank rows "")."""
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset("wikitext", HUB_NAME)
+        return {"train": list(dataset["train"]["text"]),
+                "valid": list(dataset["validation"]["text"])}
+    except Exception as error:  # not installed, offline, or the hub failed: all alike here
+        raise DataError(f"cannot load {HUB_NAME} from the HuggingFace hub "
+                        f"({type(error).__name__}: {error}). {_OFFLINE_HELP}") from error
+
+
+def chunk_ids(ids: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """Non-overlapping chunks of n_seq + 1 ids, shape (num_chunks, n_seq + 1); tail dropped."""
+    size = n_seq + 1
+    num_chunks = len(ids) // size
+    return ids[: num_chunks * size].view(num_chunks, size)
+
+
+def load_corpus(data: DataConfig, n_seq: int, vocab: Vocabulary | None = None) -> Corpus:
+    """Read train and valid text, build (or use the given) vocabulary, and chunk both."""
+    local = bool(data.train_file or data.valid_file or data.data_dir)
+    if local or data.dataset == "fixture":
+        if not local:
+            data = dataclasses.replace(data, data_dir=str(fixture_dir()))
+        tokens, files, checksums = {}, {}, {}
+        for split, path in _resolve_files(data).items():
+            text, checksums[split] = _read_text(path)
+            tokens[split] = tokenize(text.splitlines())
+            files[split] = str(path)
+        source = ", ".join(f"{split} {path}" for split, path in files.items())
+        source = source if local else f"fixture ({source})"
+    else:
+        rows = _load_hub()
+        tokens = {split: tokenize(lines) for split, lines in rows.items()}
+        checksums = {split: hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+                     for split, lines in rows.items()}
+        files, source = {}, f"hub {HUB_NAME}"
+    needed = n_seq + 1
+    for split, words in tokens.items():
+        where = files.get(split, f"{source} {split}")
+        if not words:
+            raise DataError(f"the {split} split ({where}) holds no tokens")
+        if len(words) < needed:
+            raise DataError(f"the {split} split ({where}) has {len(words)} tokens, fewer than "
+                            f"one sequence needs: n_seq + 1 = {needed}")
+    if vocab is None:
+        vocab = Vocabulary.build(tokens["train"], data.vocab_size)
+    chunks = {split: chunk_ids(vocab.encode(words), n_seq) for split, words in tokens.items()}
+    return Corpus(vocab=vocab, train=chunks["train"], valid=chunks["valid"], source=source,
+                  files=files, checksums=checksums,
+                  num_tokens={split: len(words) for split, words in tokens.items()})
+
+
+def num_batches(num_chunks: int, batch_size: int, max_batches: int | None = None) -> int:
+    """Batches per pass: the last partial batch counts; `max_batches` caps it."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    count = -(-num_chunks // batch_size)
+    return count if max_batches is None else min(count, max_batches)
+
+
+def _split_xy(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+def epoch_permutation(num_chunks: int, seed: int, epoch: int) -> torch.Tensor:
+    """The train order of one epoch; a function of (seed, epoch) only."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_chunks, generator=generator)
+
+
+def train_batches(chunks: torch.Tensor, batch_size: int, seed: int, epoch: int,
+                  max_batches: int | None = None,
+                  start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled (x, y) batches of shape (B, n_seq); `start` batches are skipped (resume)."""
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    order = epoch_permutation(len(chunks), seed, epoch)
+    for index in range(start, num_batches(len(chunks), batch_size, max_batches)):
+        yield _split_xy(chunks[order[index * batch_size:(index + 1) * batch_size]])
+
+
+def eval_batches(chunks: torch.Tensor, batch_size: int,
+                 max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) batches in order."""
+    for index in range(num_batches(len(chunks), batch_size, max_batches)):
+        yield _split_xy(chunks[index * batch_size:(index + 1) * batch_size])

@@ -1,0 +1,163 @@
+"""The run directory: everything needed to continue a run or regenerate its report.
+
+    RUN_DIR/
+      config.yaml          the resolved configuration (flat keys)
+      vocab.json           the vocabulary, id order
+      env.json             provenance: versions, device, git commit, data checksums
+      metrics/steps.jsonl  one JSON record per optimizer step
+      metrics/epochs.jsonl one JSON record per finished epoch
+      checkpoints/last.pt  the latest checkpoint (written atomically)
+      notebooks/*.ipynb    executed notebooks of each stage (pipeline runs)
+      control/             the physics-off control run, a run directory itself
+
+Metrics files are append-only JSON lines; a torn last line (a crash mid-write)
+is ignored on reading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import physlm
+
+
+class RunDirectory:
+    """Paths inside one run directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+    config = property(lambda self: self.root / "config.yaml")
+    vocab = property(lambda self: self.root / "vocab.json")
+    env = property(lambda self: self.root / "env.json")
+    steps = property(lambda self: self.root / "metrics" / "steps.jsonl")
+    epochs = property(lambda self: self.root / "metrics" / "epochs.jsonl")
+    checkpoint = property(lambda self: self.root / "checkpoints" / "last.pt")
+    notebooks = property(lambda self: self.root / "notebooks")
+    control = property(lambda self: RunDirectory(self.root / "control"))
+
+    def create(self) -> RunDirectory:
+        """Make the directory tree, failing early and clearly when it is not writable."""
+        try:
+            for folder in (self.root, self.steps.parent, self.checkpoint.parent):
+                folder.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise PermissionError(f"run directory {self.root} is not writable ({error}); "
+                                  "choose another run_dir") from error
+        return self
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file, fsync and rename: a crash leaves the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def append_jsonl(path: Path, records: list[dict[str, Any]], sync: bool = False) -> None:
+    """Append records, one JSON object per line.
+
+    The write is flushed to the operating system, so it survives the process being
+    killed; `sync` also forces it to disk (for records that are written rarely).
+    """
+    if not records:
+        return
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(r, allow_nan=True) + "\n" for r in records))
+        handle.flush()
+        if sync:
+            os.fsync(handle.fileno())
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Replace a JSON-lines file atomically (used to drop records a resume will redo)."""
+    atomic_write_text(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in records))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All complete records of a JSON-lines file; a torn or garbled last line is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # torn by a crash mid-write
+            raise ValueError(f"{path}:{number} is not valid JSON") from None
+    return records
+
+
+def git_commit() -> str | None:
+    """The commit of the physlm checkout, with '+dirty' for uncommitted changes."""
+    root = Path(physlm.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty.strip() else "")
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    """Provenance of a run: code version, library versions, hardware."""
+    info: dict[str, Any] = {
+        "physlm": physlm.__version__,
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    for package in ("numpy", "pandas", "matplotlib", "papermill", "datasets"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            info[package] = metadata.version(package)
+    return info

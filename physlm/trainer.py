@@ -1,0 +1,420 @@
+"""Training: warmup epochs on the language-model loss, then physics epochs.
+
+    loss = CE(logits, y) + [epoch >= physics_start_epoch] * mean_l lambda_l * mse_l
+
+One optimizer step per batch (AdamW, gradient-norm clipping), then the
+multiplier controller (physlm.physics). Every step appends a record to
+metrics/steps.jsonl; every epoch ends with validation, a record in
+metrics/epochs.jsonl and a checkpoint. `Trainer.fit(until_epoch)` stops early
+at an epoch boundary, which is how the warmup and physics notebooks split one
+run; calling it again (or re-running after a crash) resumes from the checkpoint.
+
+A non-finite loss or gradient norm skips the step on the device (the fused
+AdamW kernel's `found_inf`, as AMP's grad scaler does), is logged as
+`skipped`, and `max_bad_steps` consecutive ones abort the run. On the CPU the
+metrics are flushed every step; on CUDA every FLUSH_EVERY_CUDA steps so the hot
+loop never waits for the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from physlm.checkpoint import load_checkpoint, save_checkpoint
+from physlm.config import Config, from_flat
+from physlm.data import Corpus, Vocabulary, eval_batches, load_corpus, num_batches, train_batches
+from physlm.model import ResNetBK, count_parameters
+from physlm.physics import energy_terms
+from physlm.run import (
+    RunDirectory,
+    append_jsonl,
+    atomic_write_text,
+    environment_info,
+    read_jsonl,
+    write_jsonl,
+)
+
+FLUSH_EVERY_CUDA = 50
+# Settings that may change between a run and its resumption; any other change
+# (model shape, data, seed, optimiser, physics recipe) makes a different run.
+RESUMABLE_KEYS = frozenset({"epochs", "device", "amp", "progress", "checkpoint_every",
+                            "resume", "overwrite", "max_bad_steps", "max_eval_batches"})
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on: too many non-finite steps, or a run directory conflict."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} asked for, but CUDA is not available here; "
+                            "use device: auto or cpu")
+    return device
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: str | Path, corpus: Corpus | None = None) -> None:
+        self.config = config
+        self.run = RunDirectory(run_dir)
+        self.device = resolve_device(config.train.device)
+        self.amp = config.train.amp and self.device.type == "cuda"
+        if config.train.amp and not self.amp:
+            warnings.warn("amp: true is ignored on the CPU (no bf16 units); training in float32",
+                          stacklevel=2)
+        saved_state = self._prepare_run_directory()
+        vocab = Vocabulary.load(self.run.vocab) if saved_state and self.run.vocab.exists() else None
+        self.corpus = corpus or load_corpus(config.data, config.model.n_seq, vocab=vocab)
+        self._check_same_data()
+
+        torch.manual_seed(config.train.seed)
+        self.model = ResNetBK(config.model, len(self.corpus.vocab),
+                              config.physics.lambda_energy_init).to(self.device)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.train.lr,
+                                           weight_decay=config.train.weight_decay, fused=True)
+        self.epoch = 0              # the epoch in progress (0-based)
+        self.batch_in_epoch = 0     # batches of it already trained
+        self.global_step = 0
+        self.consecutive_bad = 0
+        self.previous_embeddings: torch.Tensor | None = None
+        self._pending: list[dict[str, Any]] = []
+        if saved_state:
+            self._restore(saved_state)
+        else:
+            self._start_fresh()
+
+    # ---------------------------------------------------------------- run directory
+    def _prepare_run_directory(self) -> dict[str, Any] | None:
+        """Start afresh, or return the checkpoint to resume from (None: no checkpoint)."""
+        run, train = self.run, self.config.train
+        run.create()
+        holds_run = run.config.exists() or run.steps.exists() or run.checkpoint.exists()
+        if holds_run and train.overwrite:
+            for path in (run.config, run.vocab, run.env):
+                path.unlink(missing_ok=True)
+            shutil.rmtree(run.steps.parent, ignore_errors=True)
+            shutil.rmtree(run.checkpoint.parent, ignore_errors=True)
+            run.create()
+            return None
+        if not holds_run:
+            return None
+        if not train.resume:
+            raise TrainingError(f"{run.root} already holds a run. Set resume: true to continue "
+                                "it, overwrite: true to start afresh there, or choose another "
+                                "run_dir.")
+        if run.config.exists():
+            self._check_same_config(yaml.safe_load(run.config.read_text()) or {})
+        if not run.checkpoint.exists():
+            return None  # it stopped before its first checkpoint: nothing to keep
+        return load_checkpoint(run.checkpoint, map_location="cpu")
+
+    def _check_same_config(self, saved: dict[str, Any]) -> None:
+        saved_config = from_flat(saved)
+        now, before = self.config.to_flat(), saved_config.to_flat()
+        differing = [f"{key}: {before[key]!r} in the run, {now[key]!r} now"
+                     for key in now if key not in RESUMABLE_KEYS and now[key] != before[key]]
+        if differing:
+            raise TrainingError(f"cannot resume the run in {self.run.root}: its settings differ "
+                                "from this configuration:\n  " + "\n  ".join(differing) +
+                                "\nUse the run's settings, set overwrite: true to start afresh, "
+                                "or choose another run_dir.")
+
+    def _check_same_data(self) -> None:
+        if not self.run.env.exists():
+            return
+        saved = json.loads(self.run.env.read_text()).get("data_checksums", {})
+        changed = [split for split, digest in self.corpus.checksums.items()
+                   if saved.get(split, digest) != digest]
+        if changed:
+            raise TrainingError(f"cannot resume the run in {self.run.root}: its "
+                                f"{', '.join(changed)} data changed since it started (sha256 "
+                                "differs). Restore the data, set overwrite: true, or choose "
+                                "another run_dir.")
+
+    def _start_fresh(self) -> None:
+        run = self.run
+        for path in (run.steps, run.epochs):
+            path.unlink(missing_ok=True)
+        self._write_run_files()
+
+    def _write_run_files(self) -> None:
+        run = self.run
+        self.config.save(run.config)
+        self.corpus.vocab.save(run.vocab)
+        env = environment_info(self.device)
+        env.update(parameters=count_parameters(self.model), data_source=self.corpus.source,
+                   data_files=self.corpus.files, data_checksums=self.corpus.checksums,
+                   data_tokens=self.corpus.num_tokens, vocab_size=len(self.corpus.vocab),
+                   train_batches=self.batches_per_epoch, valid_batches=self.eval_batches_count)
+        atomic_write_text(run.env, json.dumps(env, indent=2))
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.global_step, self.consecutive_bad = state["global_step"], state["consecutive_bad"]
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        previous = state.get("previous_embeddings")
+        self.previous_embeddings = None if previous is None else previous.to(self.device)
+        # Records written after the checkpoint belong to work that is about to be redone.
+        steps = [r for r in read_jsonl(self.run.steps) if r["step"] <= self.global_step]
+        epochs = [r for r in read_jsonl(self.run.epochs) if r["epoch"] < self.epoch]
+        write_jsonl(self.run.steps, steps)
+        write_jsonl(self.run.epochs, epochs)
+        self.config.save(self.run.config)  # resumable settings (epochs, ...) may have changed
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.run.checkpoint, {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "global_step": self.global_step,
+            "consecutive_bad": self.consecutive_bad,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+            else None,
+            "previous_embeddings": None if self.previous_embeddings is None
+            else self.previous_embeddings.cpu(),
+            "config": self.config.to_flat(),
+        })
+
+    # ---------------------------------------------------------------- sizes
+    @property
+    def batches_per_epoch(self) -> int:
+        data = self.config.data
+        return num_batches(len(self.corpus.train), data.batch_size, data.max_train_batches)
+
+    @property
+    def eval_batches_count(self) -> int:
+        data = self.config.data
+        return num_batches(len(self.corpus.valid), data.batch_size, data.max_eval_batches)
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.config.train.epochs
+
+    # ---------------------------------------------------------------- training
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, physics_on: bool) -> dict[str, Any]:
+        """One optimizer step; returns the step's metrics as (device) tensors."""
+        physics = self.config.physics
+        model = self.model
+        with self._autocast():
+            out = model(x, y)
+            terms = None
+            if physics_on:
+                terms = energy_terms(model.energy_heads, physics.energy_mode,
+                                     embeddings=out.token_embeddings,
+                                     previous_embeddings=self.previous_embeddings,
+                                     hidden_states=out.hidden_states)
+        if self.config.model.energy_heads:
+            self.previous_embeddings = out.token_embeddings.detach()
+        lambdas = torch.stack([m.value for m in model.multipliers]) if terms else None
+        zero = torch.zeros((), device=self.device)
+        energy_loss = (lambdas * terms.mse).mean() if terms else zero
+        loss = out.loss + energy_loss
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
+                                                   self.config.train.grad_clip)
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.optimizer.found_inf = bad.float()      # the fused kernel skips the update if set
+        self.optimizer.step()
+        if terms:
+            # A skipped step moves the multipliers by eta * (target - target) = 0.
+            drift = torch.where(bad, physics.energy_target_drift, terms.drift.float().mean())
+            for multiplier in model.multipliers:
+                multiplier.update(drift, physics.energy_target_drift, physics.lambda_lr,
+                                  physics.lambda_min, physics.lambda_max)
+        record: dict[str, Any] = {
+            "loss": loss.detach(), "lm_loss": out.loss.detach(),
+            "energy_loss": energy_loss.detach(), "grad_norm": grad_norm, "skipped": bad,
+            "expert_load": out.expert_load,
+        }
+        if self.config.model.energy_heads:
+            n_layers = self.config.model.n_layers
+            zeros = torch.zeros(n_layers, device=self.device)
+            record.update(
+                energy_computed=terms is not None,
+                energy_mse=(terms.mse.detach() if terms else zeros).float(),
+                drift=(terms.drift.detach() if terms else zeros).float(),
+                kinetic=(terms.kinetic.detach() if terms else zeros).float(),
+                potential=(terms.potential.detach() if terms else zeros).float(),
+                lambda_=torch.stack([m.value.detach().clone() for m in model.multipliers]),
+            )
+        return record
+
+    def _flush(self, window_start: float) -> None:
+        """Turn pending device metrics into JSON records and append them."""
+        if not self._pending:
+            return
+        step_time = (time.perf_counter() - window_start) / len(self._pending)
+        records = []
+        for pending in self._pending:
+            record = {k: (v.tolist() if isinstance(v, torch.Tensor) else v)
+                      for k, v in pending.items()}
+            if "lambda_" in record:
+                record["lambda_per_layer"] = record.pop("lambda_")
+                record["drift_per_layer"] = record.pop("drift")
+                record["energy_mse_per_layer"] = record.pop("energy_mse")
+                record["lambda"] = sum(record["lambda_per_layer"]) / len(record["lambda_per_layer"])
+                record["drift"] = sum(record["drift_per_layer"]) / len(record["drift_per_layer"])
+                record["energy_mse"] = (sum(record["energy_mse_per_layer"])
+                                        / len(record["energy_mse_per_layer"]))
+            record["time_s"] = step_time
+            record["tokens_per_s"] = record.pop("tokens") / step_time
+            records.append(record)
+            self.consecutive_bad = self.consecutive_bad + 1 if record["skipped"] else 0
+        append_jsonl(self.run.steps, records)
+        self._pending.clear()
+        if self.consecutive_bad >= self.config.train.max_bad_steps:
+            raise TrainingError(
+                f"{self.consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                f"(up to step {records[-1]['step']}); stopping. Nothing was written over the "
+                f"last good checkpoint ({self.run.checkpoint}). Lower lr, check the data, or "
+                "raise max_bad_steps.")
+
+    def train_epoch(self) -> None:
+        config, data = self.config, self.config.data
+        physics_on = config.physics_active(self.epoch)
+        flush_every = FLUSH_EVERY_CUDA if self.device.type == "cuda" else 1
+        every = config.train.checkpoint_every
+        self.model.train()
+        batches = train_batches(self.corpus.train, data.batch_size, config.train.seed,
+                                self.epoch, data.max_train_batches, start=self.batch_in_epoch)
+        phase = "physics" if physics_on else "warmup"
+        bar = tqdm(batches, total=self.batches_per_epoch, initial=self.batch_in_epoch,
+                   desc=f"epoch {self.epoch + 1}/{config.train.epochs} {phase}",
+                   disable=not config.train.progress, leave=False)
+        window_start = time.perf_counter()
+        for x, y in bar:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            record = self.train_step(x, y, physics_on)
+            self.global_step += 1
+            record.update(step=self.global_step, epoch=self.epoch, batch=self.batch_in_epoch,
+                          physics=physics_on, tokens=y.numel())
+            self.batch_in_epoch += 1
+            self._pending.append(record)
+            if len(self._pending) >= flush_every:
+                self._flush(window_start)
+                window_start = time.perf_counter()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            mid_epoch = self.batch_in_epoch < self.batches_per_epoch
+            if every and self.global_step % every == 0 and mid_epoch:
+                self._flush(window_start)
+                self.save_checkpoint()
+                window_start = time.perf_counter()
+        self._flush(window_start)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss: token-weighted and per-batch mean, with their perplexities."""
+        data = self.config.data
+        self.model.eval()
+        start = time.perf_counter()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        batch_losses, tokens = [], 0
+        for x, y in eval_batches(self.corpus.valid, data.batch_size, data.max_eval_batches):
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                loss = self.model(x, y).loss.float()
+            total += loss.double() * y.numel()
+            batch_losses.append(loss)
+            tokens += y.numel()
+        self.model.train()
+        token_weighted = (total / tokens).item()
+        batch_mean = torch.stack(batch_losses).double().mean().item()
+        elapsed = time.perf_counter() - start
+        return {"val_loss": token_weighted, "val_ppl": _exp(token_weighted),
+                "val_loss_batch_mean": batch_mean, "val_ppl_batch_mean": _exp(batch_mean),
+                "val_tokens": tokens, "val_batches": len(batch_losses), "val_time_s": elapsed}
+
+    def _epoch_record(self, validation: dict[str, float]) -> dict[str, Any]:
+        """Summarise the finished epoch from its step records (they survive a resume)."""
+        steps = [r for r in read_jsonl(self.run.steps) if r["epoch"] == self.epoch]
+        good = [r for r in steps if not r["skipped"]] or steps
+
+        def mean(key: str, rows: list[dict[str, Any]] = good) -> float:
+            return sum(r[key] for r in rows) / len(rows) if rows else 0.0
+
+        train_time = sum(r["time_s"] for r in steps)
+        tokens = sum(r["tokens_per_s"] * r["time_s"] for r in steps)
+        record: dict[str, Any] = {
+            "epoch": self.epoch, "phase": "physics" if self.config.physics_active(self.epoch)
+            else "warmup", "steps": len(steps), "skipped_steps": sum(r["skipped"] for r in steps),
+            "train_loss": mean("loss"), "train_lm_loss": mean("lm_loss"),
+            "train_energy_loss": mean("energy_loss"), "grad_norm": mean("grad_norm"),
+            **validation,
+            "train_time_s": train_time, "time_s": train_time + validation["val_time_s"],
+            "tokens_per_s": tokens / train_time if train_time else 0.0,
+            "expert_load": [[sum(r["expert_load"][layer][e] for r in good) / len(good)
+                             for e in range(self.config.model.num_experts)]
+                            for layer in range(self.config.model.n_layers)],
+        }
+        if self.config.model.energy_heads:
+            computed = [r for r in good if r["energy_computed"]]
+            record.update(
+                train_energy_mse=mean("energy_mse", computed),
+                drift=mean("drift", computed),
+                drift_max=max((r["drift"] for r in computed), default=0.0),
+                energy_steps=len(computed),
+            )
+            lambdas = [m.value.item() for m in self.model.multipliers]
+            record.update({"lambda": sum(lambdas) / len(lambdas), "lambda_per_layer": lambdas})
+        return record
+
+    def fit(self, until_epoch: int | None = None) -> list[dict[str, Any]]:
+        """Train up to (not including) `until_epoch` (default: all epochs); return epoch records."""
+        stop = self.config.train.epochs if until_epoch is None else min(until_epoch,
+                                                                        self.config.train.epochs)
+        while self.epoch < stop:
+            if self.batch_in_epoch < self.batches_per_epoch:
+                self.train_epoch()
+            record = self._epoch_record(self.evaluate())
+            append_jsonl(self.run.epochs, [record], sync=True)
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self.save_checkpoint()
+            if self.config.train.progress:
+                tqdm.write(format_epoch(record))
+        return read_jsonl(self.run.epochs)
+
+
+def format_epoch(record: dict[str, Any]) -> str:
+    """One line per epoch for the console."""
+    text = (f"epoch {record['epoch'] + 1} [{record['phase']}] train {record['train_loss']:.4f} "
+            f"val {record['val_loss']:.4f} ppl {record['val_ppl']:.1f}")
+    if "drift" in record:
+        text += f" drift {record['drift']:.4f} lambda {record['lambda']:.4f}"
+    return text + f" {record['time_s']:.1f}s {record['tokens_per_s']:.0f} tok/s"
+
+
+def train(config: Config, run_dir: str | Path, until_epoch: int | None = None,
+          corpus: Corpus | None = None) -> list[dict[str, Any]]:
+    """Train (or resume) the run in `run_dir`; return its epoch records."""
+    return Trainer(config, run_dir, corpus).fit(until_epoch)
