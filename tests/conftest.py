@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny configuration on the synthetic corpus the project writes itself."""
+
+from pathlib import Path
+
+import pytest
+
+from physlm.config import Config, from_flat
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "dataset": "fixture", "d_model": 16, "n_layers": 2, "n_seq": 16, "vocab_size": 300,
+    "batch_size": 8, "epochs": 3, "physics_start_epoch": 1, "max_train_batches": 6,
+    "max_eval_batches": 3, "progress": False,
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fixture_cache(tmp_path_factory):
+    """Keep the generated corpus inside pytest's temporary directory."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PHYSLM_CACHE", str(cache))
+        yield
+
+
+@pytest.fixture
+def tiny_config():
+    def make(**overrides) -> Config:
+        return from_flat({**TINY, **overrides})
+    return make

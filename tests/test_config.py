@@ -1,0 +1,87 @@
+"""The config loader: defaults, overrides, validation messages, round trip."""
+
+import pytest
+import yaml
+
+from physlm.config import KEYS, Config, ConfigError, from_flat, load_config, parse_assignment
+
+
+def test_defaults_are_the_reference_configuration():
+    config = Config().validate()
+    assert (config.model.d_model, config.model.n_layers, config.model.n_seq) == (64, 4, 128)
+    assert config.model.num_experts == 4 and config.model.bk_mode == "causal"
+    assert (config.data.vocab_size, config.data.batch_size) == (30_000, 32)
+    assert (config.train.epochs, config.train.lr, config.train.grad_clip) == (10, 1e-3, 0.5)
+    physics = config.physics
+    assert (physics.physics_start_epoch, physics.lambda_energy_init) == (4, 0.05)
+    assert (physics.lambda_lr, physics.energy_target_drift) == (0.01, 0.1)
+    assert (physics.lambda_min, physics.lambda_max) == (0.01, 10.0)
+
+
+def test_flat_keys_are_unique_and_round_trip(tmp_path):
+    assert len(KEYS) == len(set(KEYS))
+    config = from_flat({"epochs": 3, "physics_start_epoch": 1, "d_model": 16, "lr": 0.002})
+    config.save(tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == config
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["d_model"] == 16
+
+
+def test_params_file_then_overrides(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("epochs: 6\nlr: 1e-3\nbatch_size: 8\n")  # YAML reads 1e-3 as a string
+    config = load_config(params, {"batch_size": 4})
+    assert config.train.epochs == 6 and config.train.lr == pytest.approx(1e-3)
+    assert config.data.batch_size == 4
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"epoch": 3}, "did you mean 'epochs'"),
+    ({"lamda_lr": 0.1}, "did you mean 'lambda_lr'"),
+    ({"epochs": "ten"}, "epochs: expected int"),
+    ({"dropout": "high"}, "dropout: expected float"),
+    ({"amp": 3}, "amp: expected bool"),
+    ({"bk_mode": "causl"}, "did you mean 'causal'"),
+    ({"physics_start_epoch": 11}, "physics would never run"),
+    ({"n_seq": 1}, "n_seq must be >= 2"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"lr": -1}, "lr must be > 0"),
+    ({"device": "tpu"}, "device must be"),
+    ({"lambda_energy_init": 20}, "lambda_energy_init must lie in"),
+    ({"physics": True, "energy_heads": False}, "needs energy_heads"),
+])
+def test_bad_values_are_explained(values, message):
+    with pytest.raises(ConfigError, match=message):
+        from_flat(values)
+
+
+def test_physics_start_equal_to_epochs_is_allowed():
+    config = from_flat({"epochs": 4, "physics_start_epoch": 4})
+    assert not config.physics_runs
+    assert from_flat({"epochs": 5, "physics_start_epoch": 4}).physics_runs
+
+
+def test_empty_string_means_unset_for_optional_values():
+    config = from_flat({"max_train_batches": "", "data_dir": None})
+    assert config.data.max_train_batches is None and config.data.data_dir is None
+
+
+def test_missing_and_malformed_params_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listing)
+
+
+def test_command_line_assignments():
+    assert parse_assignment("epochs=2") == ("epochs", 2)
+    assert parse_assignment("lr=1e-3")[1] in ("1e-3", 0.001)
+    assert parse_assignment("physics=false") == ("physics", False)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_assignment("epochs")

@@ -1,0 +1,112 @@
+"""The ResNet-BK model: parameter counts, causality, routing, the fused loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import physlm.losses
+from physlm.config import ModelConfig
+from physlm.losses import linear_cross_entropy
+from physlm.model import ResNetBK, count_parameters
+from physlm.moe import SparseMoE
+
+
+def test_reference_parameter_counts():
+    model = ResNetBK(ModelConfig(), vocab_size=30_000)
+    assert count_parameters(model) == {"total": 4_179_924, "trainable": 4_179_920}
+    plain = ResNetBK(ModelConfig(energy_heads=False), vocab_size=30_000)
+    assert count_parameters(plain) == {"total": 4_146_120, "trainable": 4_146_120}
+
+
+def test_block_parameter_breakdown():
+    block = ResNetBK(ModelConfig(), vocab_size=30_000).blocks[0]
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(block) == 75_401
+    assert count(block.layer.moe) == 66_564
+    assert count(block.energy.kinetic) == count(block.energy.potential) == 4_225
+
+
+def _tiny(bk_mode="causal", **overrides):
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=16, n_layers=2, n_seq=12, bk_mode=bk_mode, dropout=0.0,
+                         **overrides)
+    return ResNetBK(config, vocab_size=50).eval()
+
+
+def test_causal_model_never_sees_the_future():
+    model = _tiny("causal")
+    x = torch.randint(0, 50, (3, 12))
+    with torch.no_grad():
+        base = model(x).logits
+        for j in range(12):
+            changed = x.clone()
+            changed[:, j] = (changed[:, j] + 7) % 50
+            logits = model(changed).logits
+            torch.testing.assert_close(logits[:, :j], base[:, :j], rtol=0, atol=1e-6)
+            assert not torch.allclose(logits[:, j:], base[:, j:])
+
+
+def test_bidirectional_model_leaks_the_future():
+    """The ablation mode is not a causal language model: this is why it is not the default."""
+    model = _tiny("bidirectional")
+    x = torch.randint(0, 50, (2, 12))
+    changed = x.clone()
+    changed[:, 8] = (changed[:, 8] + 7) % 50
+    with torch.no_grad():
+        assert not torch.allclose(model(changed).logits[:, :8], model(x).logits[:, :8])
+
+
+def test_router_receives_gradient_and_load_is_a_distribution():
+    torch.manual_seed(0)
+    moe = SparseMoE(8, 4, dropout=0.0)
+    out, load = moe(torch.randn(2, 10, 8))
+    out.square().sum().backward()
+    assert moe.gate.weight.grad.abs().sum() > 0
+    assert load.shape == (4,) and load.sum().item() == pytest.approx(1.0)
+
+
+def test_moe_equals_running_the_chosen_expert_alone():
+    torch.manual_seed(0)
+    moe = SparseMoE(8, 3, dropout=0.0)
+    u = torch.randn(5, 8)
+    out, _ = moe(u)
+    probs = F.softmax(moe.gate(u), -1)
+    for t in range(5):
+        e = probs[t].argmax()
+        expert = F.relu(u[t] @ moe.w1[e] + moe.b1[e, 0]) @ moe.w2[e] + moe.b2[e, 0]
+        torch.testing.assert_close(out[t], probs[t, e] * expert)
+
+
+def test_model_loss_equals_cross_entropy_of_its_logits():
+    model = _tiny()
+    x, y = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
+    out = model(x, y)
+    assert out.logits is None
+    reference = F.cross_entropy(model(x).logits.reshape(-1, 50), y.reshape(-1))
+    torch.testing.assert_close(out.loss, reference)
+    assert len(out.hidden_states) == 3 and out.expert_load.shape == (2, 4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_cross_entropy_matches_reference(monkeypatch, bias):
+    monkeypatch.setattr(physlm.losses, "CHUNK_ELEMENTS", 3 * 40)  # several chunks, ragged end
+    torch.manual_seed(0)
+    h = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, requires_grad=True) if bias else None
+    y = torch.randint(0, 40, (2, 7))
+    inputs = (h, w, b) if bias else (h, w)
+    fused = linear_cross_entropy(h, w, b, y)
+    reference = F.cross_entropy(F.linear(h, w, b).reshape(-1, 40), y.reshape(-1))
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(3.0 * fused, inputs)
+    expected = torch.autograd.grad(3.0 * reference, inputs)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, b, y), reference.detach())
+
+
+def test_longer_than_n_seq_is_an_error():
+    with pytest.raises(ValueError, match="longer than n_seq"):
+        _tiny()(torch.zeros(1, 13, dtype=torch.long))

@@ -1,0 +1,172 @@
+"""The trainer: learning, the physics schedule, the controller, checkpoints and resume."""
+
+import json
+import math
+from itertools import pairwise
+
+import pytest
+import torch
+
+from physlm.run import read_jsonl
+from physlm.trainer import Trainer, TrainingError, train
+
+VOLATILE = {"time_s", "tokens_per_s", "val_time_s", "train_time_s"}
+
+
+def _stable(records):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+def test_tiny_model_learns_the_fixture_corpus(tiny_config, tmp_path):
+    config = tiny_config(epochs=3, max_train_batches=12, physics=False, lr=3e-3)
+    epochs = train(config, tmp_path / "run")
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    assert epochs[-1]["val_loss"] < epochs[0]["val_loss"] < math.log(300)
+    assert epochs[-1]["val_ppl"] == pytest.approx(math.exp(epochs[-1]["val_loss"]))
+
+
+def test_energy_terms_are_zero_in_warmup_and_active_after(tiny_config, tmp_path):
+    config = tiny_config(epochs=3, physics_start_epoch=1)
+    train(config, tmp_path / "run")
+    steps = read_jsonl(tmp_path / "run" / "metrics" / "steps.jsonl")
+    warmup = [s for s in steps if s["epoch"] == 0]
+    physics = [s for s in steps if s["epoch"] >= 1]
+    assert warmup and all(s["energy_loss"] == 0 and s["drift"] == 0 for s in warmup)
+    assert all(not s["energy_computed"] and not s["physics"] for s in warmup)
+    computed = [s for s in physics if s["energy_computed"]]
+    assert len(computed) >= len(physics) - 2   # batch-size changes may skip a step
+    assert all(s["energy_loss"] > 0 and s["drift"] > 0 for s in computed)
+    for before, s in pairwise(steps):
+        if s["energy_computed"]:   # the loss uses the multipliers as they were before the step
+            weighted = sum(lam * mse for lam, mse in zip(before["lambda_per_layer"],
+                                                         s["energy_mse_per_layer"], strict=True))
+            assert s["energy_loss"] == pytest.approx(weighted / 2, rel=1e-5)
+            assert s["loss"] == pytest.approx(s["lm_loss"] + s["energy_loss"], rel=1e-6)
+
+
+def test_multipliers_move_exactly_by_the_rule(tiny_config, tmp_path):
+    config = tiny_config(epochs=2, physics_start_epoch=1, lambda_lr=0.05)
+    train(config, tmp_path / "run")
+    steps = read_jsonl(tmp_path / "run" / "metrics" / "steps.jsonl")
+    previous = config.physics.lambda_energy_init
+    moved = 0
+    for s in steps:
+        expected = previous
+        if s["energy_computed"]:
+            expected = min(max(previous + 0.05 * (s["drift"] - 0.1), 0.01), 10.0)
+        for value in s["lambda_per_layer"]:
+            assert value == pytest.approx(expected, abs=2e-6)
+        moved += expected != previous
+        previous = s["lambda_per_layer"][0]
+    assert moved > 0
+
+
+def test_same_seed_same_metrics(tiny_config, tmp_path):
+    config = tiny_config(epochs=2)
+    first = train(config, tmp_path / "a")
+    second = train(config, tmp_path / "b")
+    assert _stable(first) == _stable(second)
+    steps = [_stable(read_jsonl(tmp_path / r / "metrics" / "steps.jsonl")) for r in "ab"]
+    assert steps[0] == steps[1]
+
+
+def test_checkpoint_round_trip_continues_identically(tiny_config, tmp_path):
+    config = tiny_config(epochs=3, physics_start_epoch=1)
+    train(config, tmp_path / "straight")
+    assert len(train(config, tmp_path / "split", until_epoch=1)) == 1
+    train(config, tmp_path / "split")                     # a new Trainer, from the checkpoint
+    for name in ("steps.jsonl", "epochs.jsonl"):
+        straight = read_jsonl(tmp_path / "straight" / "metrics" / name)
+        split = read_jsonl(tmp_path / "split" / "metrics" / name)
+        assert _stable(split) == _stable(straight)
+
+
+def test_mid_epoch_checkpoint_resume_is_exact(tiny_config, tmp_path, monkeypatch):
+    config = tiny_config(epochs=2, checkpoint_every=4)     # 6 batches per epoch
+    train(config, tmp_path / "straight")
+    crashing = Trainer(config, tmp_path / "cut")
+    step = crashing.train_step
+
+    def crash_at_step_ten(*args):
+        if crashing.global_step == 9:
+            raise KeyboardInterrupt("simulated crash")
+        return step(*args)
+
+    monkeypatch.setattr(crashing, "train_step", crash_at_step_ten)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    assert len(read_jsonl(tmp_path / "cut" / "metrics" / "steps.jsonl")) == 9
+    resumed = Trainer(config, tmp_path / "cut")
+    assert (resumed.epoch, resumed.batch_in_epoch, resumed.global_step) == (1, 2, 8)
+    resumed.fit()
+    for name in ("steps.jsonl", "epochs.jsonl"):
+        straight = read_jsonl(tmp_path / "straight" / "metrics" / name)
+        cut = read_jsonl(tmp_path / "cut" / "metrics" / name)
+        assert _stable(cut) == _stable(straight)
+
+
+def test_finished_run_is_reused_not_retrained(tiny_config, tmp_path):
+    config = tiny_config(epochs=1, physics_start_epoch=1)
+    train(config, tmp_path / "run")
+    before = (tmp_path / "run" / "metrics" / "steps.jsonl").read_text()
+    assert Trainer(config, tmp_path / "run").finished
+    train(config, tmp_path / "run")
+    assert (tmp_path / "run" / "metrics" / "steps.jsonl").read_text() == before
+
+
+def test_incompatible_resume_names_the_settings(tiny_config, tmp_path):
+    train(tiny_config(epochs=1, physics_start_epoch=1), tmp_path / "run")
+    with pytest.raises(TrainingError, match=r"d_model: 16 in the run, 32 now"):
+        Trainer(tiny_config(epochs=1, physics_start_epoch=1, d_model=32), tmp_path / "run")
+    with pytest.raises(TrainingError, match="resume: true"):
+        Trainer(tiny_config(epochs=1, physics_start_epoch=1, resume=False), tmp_path / "run")
+    fresh = Trainer(tiny_config(epochs=1, physics_start_epoch=1, d_model=32, overwrite=True),
+                    tmp_path / "run")
+    assert fresh.global_step == 0
+    assert json.loads((tmp_path / "run" / "env.json").read_text())["parameters"]["total"] > 0
+
+
+def test_more_epochs_extend_a_finished_run(tiny_config, tmp_path):
+    train(tiny_config(epochs=2), tmp_path / "run")
+    records = train(tiny_config(epochs=3), tmp_path / "run")
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+
+
+def test_non_finite_steps_are_skipped_and_counted(tiny_config, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(epochs=1, physics_start_epoch=1), tmp_path / "run")
+    forward = trainer.model.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(x, targets=None):
+        out = forward(x, targets)
+        calls["n"] += 1
+        if calls["n"] in (2, 3) and targets is not None and torch.is_grad_enabled():
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.model, "forward", sometimes_nan)
+    records = trainer.fit()
+    steps = read_jsonl(tmp_path / "run" / "metrics" / "steps.jsonl")
+    assert [s["skipped"] for s in steps[:4]] == [False, True, True, False]
+    assert records[0]["skipped_steps"] == 2
+    assert math.isfinite(records[0]["val_loss"])
+
+
+def test_too_many_bad_steps_abort_without_overwriting_the_checkpoint(tiny_config, tmp_path,
+                                                                     monkeypatch):
+    config = tiny_config(epochs=2, physics_start_epoch=2, max_bad_steps=3)
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.fit(until_epoch=1)
+    saved = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    forward = trainer.model.forward
+
+    def always_nan(x, targets=None):
+        out = forward(x, targets)
+        if targets is not None and torch.is_grad_enabled():
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.model, "forward", always_nan)
+    with pytest.raises(TrainingError, match="3 consecutive steps"):
+        trainer.fit()
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == saved
