@@ -31,6 +31,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from physlm import distributed
 from physlm.checkpoint import load_checkpoint, save_checkpoint
 from physlm.config import Config, from_flat
 from physlm.data import Corpus, Vocabulary, eval_batches, load_corpus, num_batches, train_batches
@@ -74,12 +75,18 @@ class Trainer:
     def __init__(self, config: Config, run_dir: str | Path, corpus: Corpus | None = None) -> None:
         self.config = config
         self.run = RunDirectory(run_dir)
-        self.device = resolve_device(config.train.device)
+        self.rank, self.world = distributed.init_from_environment()
+        self.device = resolve_device(distributed.local_device(config.train.device))
         self.amp = config.train.amp and self.device.type == "cuda"
         if config.train.amp and not self.amp:
             warnings.warn("amp: true is ignored on the CPU (no bf16 units); training in float32",
                           stacklevel=2)
-        saved_state = self._prepare_run_directory()
+        # Rank 0 decides (and cleans up on overwrite); the others follow what it left.
+        if self.rank == 0:
+            self._prepare_run_directory()
+        distributed.barrier(self.world)
+        saved_state = (load_checkpoint(self.run.checkpoint, map_location="cpu")
+                       if self.run.checkpoint.exists() else None)
         vocab = Vocabulary.load(self.run.vocab) if saved_state and self.run.vocab.exists() else None
         self.corpus = corpus or load_corpus(config.data, config.model.n_seq, vocab=vocab)
         self._check_same_data()
@@ -95,15 +102,20 @@ class Trainer:
         self.global_step = 0
         self.consecutive_bad = 0
         self.previous_embeddings: torch.Tensor | None = None
+        self.previous_batch_size = 0  # global size of the previous batch
         self._pending: list[dict[str, Any]] = []
         if saved_state:
             self._restore(saved_state)
-        else:
+        elif self.rank == 0:
             self._start_fresh()
+        if self.world > 1:
+            for tensor in self.model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+        distributed.barrier(self.world)
 
     # ---------------------------------------------------------------- run directory
-    def _prepare_run_directory(self) -> dict[str, Any] | None:
-        """Start afresh, or return the checkpoint to resume from (None: no checkpoint)."""
+    def _prepare_run_directory(self) -> None:
+        """Clear the run directory for a fresh start, or check that it can be resumed."""
         run, train = self.run, self.config.train
         run.create()
         holds_run = run.config.exists() or run.steps.exists() or run.checkpoint.exists()
@@ -113,18 +125,15 @@ class Trainer:
             shutil.rmtree(run.steps.parent, ignore_errors=True)
             shutil.rmtree(run.checkpoint.parent, ignore_errors=True)
             run.create()
-            return None
+            return
         if not holds_run:
-            return None
+            return
         if not train.resume:
             raise TrainingError(f"{run.root} already holds a run. Set resume: true to continue "
                                 "it, overwrite: true to start afresh there, or choose another "
                                 "run_dir.")
         if run.config.exists():
             self._check_same_config(yaml.safe_load(run.config.read_text()) or {})
-        if not run.checkpoint.exists():
-            return None  # it stopped before its first checkpoint: nothing to keep
-        return load_checkpoint(run.checkpoint, map_location="cpu")
 
     def _check_same_config(self, saved: dict[str, Any]) -> None:
         saved_config = from_flat(saved)
@@ -171,19 +180,29 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step, self.consecutive_bad = state["global_step"], state["consecutive_bad"]
-        torch.set_rng_state(state["rng_cpu"])
+        torch.set_rng_state(state["rng_cpu"][self.rank % len(state["rng_cpu"])])
         if self.device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self.previous_batch_size = state["previous_batch_size"]
         previous = state.get("previous_embeddings")
-        self.previous_embeddings = None if previous is None else previous.to(self.device)
-        # Records written after the checkpoint belong to work that is about to be redone.
-        steps = [r for r in read_jsonl(self.run.steps) if r["step"] <= self.global_step]
-        epochs = [r for r in read_jsonl(self.run.epochs) if r["epoch"] < self.epoch]
-        write_jsonl(self.run.steps, steps)
-        write_jsonl(self.run.epochs, epochs)
-        self.config.save(self.run.config)  # resumable settings (epochs, ...) may have changed
+        if previous is not None and self.world == 1:
+            self.previous_embeddings = previous.to(self.device)
+        # In data-parallel runs each process compared against its own slice of the previous
+        # batch, which the checkpoint does not hold: the first energy term after a resume
+        # is skipped, as after a batch-size change.
+        if self.rank == 0:
+            # Records written after the checkpoint belong to work that is about to be redone.
+            steps = [r for r in read_jsonl(self.run.steps) if r["step"] <= self.global_step]
+            epochs = [r for r in read_jsonl(self.run.epochs) if r["epoch"] < self.epoch]
+            write_jsonl(self.run.steps, steps)
+            write_jsonl(self.run.epochs, epochs)
+            self.config.save(self.run.config)  # resumable settings (epochs, ...) may change
 
     def save_checkpoint(self) -> None:
+        """Write the checkpoint once (rank 0), with every process's RNG state."""
+        rng_states = distributed.gather_across(torch.get_rng_state(), self.world)
+        if self.rank != 0:
+            return
         save_checkpoint(self.run.checkpoint, {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -191,9 +210,10 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
             "consecutive_bad": self.consecutive_bad,
-            "rng_cpu": torch.get_rng_state(),
+            "rng_cpu": rng_states,
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
             else None,
+            "previous_batch_size": self.previous_batch_size,
             "previous_embeddings": None if self.previous_embeddings is None
             else self.previous_embeddings.cpu(),
             "config": self.config.to_flat(),
@@ -221,54 +241,74 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, physics_on: bool) -> dict[str, Any]:
-        """One optimizer step; returns the step's metrics as (device) tensors."""
-        physics = self.config.physics
-        model = self.model
+        """One optimizer step on the global batch (x, y); returns its metrics as device tensors.
+
+        Under torchrun this process trains on its slice of the batch, and every logged
+        statistic is the global-batch value (physlm.distributed).
+        """
+        physics, model = self.config.physics, self.model
+        batch_size = x.shape[0]
+        x, y = (distributed.shard(t, self.rank, self.world) for t in (x, y))
+        share = x.shape[0] / batch_size
+        # The reference term compares consecutive batches of the same size only.
+        same_size = self.previous_batch_size == batch_size
         with self._autocast():
             out = model(x, y)
             terms = None
             if physics_on:
                 terms = energy_terms(model.energy_heads, physics.energy_mode,
                                      embeddings=out.token_embeddings,
-                                     previous_embeddings=self.previous_embeddings,
+                                     previous_embeddings=self.previous_embeddings if same_size
+                                     else None,
                                      hidden_states=out.hidden_states)
         if self.config.model.energy_heads:
             self.previous_embeddings = out.token_embeddings.detach()
+            self.previous_batch_size = batch_size
         lambdas = torch.stack([m.value for m in model.multipliers]) if terms else None
-        zero = torch.zeros((), device=self.device)
-        energy_loss = (lambdas * terms.mse).mean() if terms else zero
+        energy_loss = (lambdas * terms.mse).mean() if terms else torch.zeros((), device=x.device)
         loss = out.loss + energy_loss
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
-                                                   self.config.train.grad_clip)
+        (loss * (share * self.world) if self.world > 1 else loss).backward()
+        parameters = self.optimizer.param_groups[0]["params"]
+        distributed.average_gradients(parameters, self.world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.train.grad_clip)
+
+        stats = {"lm_loss": out.loss.detach().reshape(1), "expert_load": out.expert_load}
+        if terms:
+            stats.update(mse=terms.mse.detach(), drift=terms.drift.detach(),
+                         kinetic=terms.kinetic.detach(), potential=terms.potential.detach())
+        stats = self._global_mean(stats, share)
+        lm_loss = stats["lm_loss"][0]
+        energy_loss = (lambdas * stats["mse"]).mean() if terms else energy_loss.detach()
+        loss = lm_loss + energy_loss
         bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         self.optimizer.found_inf = bad.float()      # the fused kernel skips the update if set
         self.optimizer.step()
         if terms:
             # A skipped step moves the multipliers by eta * (target - target) = 0.
-            drift = torch.where(bad, physics.energy_target_drift, terms.drift.float().mean())
+            drift = torch.where(bad, physics.energy_target_drift, stats["drift"].float().mean())
             for multiplier in model.multipliers:
                 multiplier.update(drift, physics.energy_target_drift, physics.lambda_lr,
                                   physics.lambda_min, physics.lambda_max)
         record: dict[str, Any] = {
-            "loss": loss.detach(), "lm_loss": out.loss.detach(),
-            "energy_loss": energy_loss.detach(), "grad_norm": grad_norm, "skipped": bad,
-            "expert_load": out.expert_load,
+            "loss": loss, "lm_loss": lm_loss, "energy_loss": energy_loss,
+            "grad_norm": grad_norm, "skipped": bad, "expert_load": stats["expert_load"],
         }
         if self.config.model.energy_heads:
-            n_layers = self.config.model.n_layers
-            zeros = torch.zeros(n_layers, device=self.device)
-            record.update(
-                energy_computed=terms is not None,
-                energy_mse=(terms.mse.detach() if terms else zeros).float(),
-                drift=(terms.drift.detach() if terms else zeros).float(),
-                kinetic=(terms.kinetic.detach() if terms else zeros).float(),
-                potential=(terms.potential.detach() if terms else zeros).float(),
-                lambda_=torch.stack([m.value.detach().clone() for m in model.multipliers]),
-            )
+            zeros = torch.zeros(self.config.model.n_layers, device=x.device)
+            record.update({key: (stats[key] if terms else zeros).float()
+                           for key in ("mse", "drift", "kinetic", "potential")})
+            record.update(energy_computed=terms is not None, lambda_=torch.stack(
+                [m.value.detach().clone() for m in model.multipliers]))
         return record
+
+    def _global_mean(self, stats: dict[str, torch.Tensor], share: float) -> dict[str, torch.Tensor]:
+        """Batch-weighted means over processes of per-process statistics."""
+        if self.world == 1:
+            return stats
+        totals = distributed.sum_across([t.float() * share for t in stats.values()], self.world)
+        return dict(zip(stats, totals, strict=True))
 
     def _flush(self, window_start: float) -> None:
         """Turn pending device metrics into JSON records and append them."""
@@ -282,7 +322,7 @@ class Trainer:
             if "lambda_" in record:
                 record["lambda_per_layer"] = record.pop("lambda_")
                 record["drift_per_layer"] = record.pop("drift")
-                record["energy_mse_per_layer"] = record.pop("energy_mse")
+                record["energy_mse_per_layer"] = record.pop("mse")
                 record["lambda"] = sum(record["lambda_per_layer"]) / len(record["lambda_per_layer"])
                 record["drift"] = sum(record["drift_per_layer"]) / len(record["drift_per_layer"])
                 record["energy_mse"] = (sum(record["energy_mse_per_layer"])
@@ -291,7 +331,8 @@ class Trainer:
             record["tokens_per_s"] = record.pop("tokens") / step_time
             records.append(record)
             self.consecutive_bad = self.consecutive_bad + 1 if record["skipped"] else 0
-        append_jsonl(self.run.steps, records)
+        if self.rank == 0:
+            append_jsonl(self.run.steps, records)
         self._pending.clear()
         if self.consecutive_bad >= self.config.train.max_bad_steps:
             raise TrainingError(
@@ -311,7 +352,7 @@ class Trainer:
         phase = "physics" if physics_on else "warmup"
         bar = tqdm(batches, total=self.batches_per_epoch, initial=self.batch_in_epoch,
                    desc=f"epoch {self.epoch + 1}/{config.train.epochs} {phase}",
-                   disable=not config.train.progress, leave=False)
+                   disable=not config.train.progress or self.rank != 0, leave=False)
         window_start = time.perf_counter()
         for x, y in bar:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -338,22 +379,26 @@ class Trainer:
         data = self.config.data
         self.model.eval()
         start = time.perf_counter()
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        batch_losses, tokens = [], 0
-        for x, y in eval_batches(self.corpus.valid, data.batch_size, data.max_eval_batches):
+        # Sums over batches (each process takes every world-th batch): token-weighted
+        # loss, tokens, per-batch losses, batches.
+        sums = torch.zeros(4, device=self.device, dtype=torch.float64)
+        batches = eval_batches(self.corpus.valid, data.batch_size, data.max_eval_batches)
+        for index, (x, y) in enumerate(batches):
+            if index % self.world != self.rank:
+                continue
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
-                loss = self.model(x, y).loss.float()
-            total += loss.double() * y.numel()
-            batch_losses.append(loss)
-            tokens += y.numel()
+                loss = self.model(x, y).loss.double()
+            sums += torch.stack([loss * y.numel(), loss.new_tensor(y.numel()), loss,
+                                 loss.new_tensor(1.0)])
         self.model.train()
-        token_weighted = (total / tokens).item()
-        batch_mean = torch.stack(batch_losses).double().mean().item()
-        elapsed = time.perf_counter() - start
+        (sums,) = distributed.sum_across([sums], self.world)
+        loss_sum, tokens, batch_loss_sum, count = sums.tolist()
+        token_weighted, batch_mean = loss_sum / tokens, batch_loss_sum / count
         return {"val_loss": token_weighted, "val_ppl": _exp(token_weighted),
                 "val_loss_batch_mean": batch_mean, "val_ppl_batch_mean": _exp(batch_mean),
-                "val_tokens": tokens, "val_batches": len(batch_losses), "val_time_s": elapsed}
+                "val_tokens": int(tokens), "val_batches": int(count),
+                "val_time_s": time.perf_counter() - start}
 
     def _epoch_record(self, validation: dict[str, float]) -> dict[str, Any]:
         """Summarise the finished epoch from its step records (they survive a resume)."""
@@ -396,12 +441,15 @@ class Trainer:
         while self.epoch < stop:
             if self.batch_in_epoch < self.batches_per_epoch:
                 self.train_epoch()
-            record = self._epoch_record(self.evaluate())
-            append_jsonl(self.run.epochs, [record], sync=True)
+            validation = self.evaluate()
+            if self.rank == 0:
+                record = self._epoch_record(validation)
+                append_jsonl(self.run.epochs, [record], sync=True)
+                if self.config.train.progress:
+                    tqdm.write(format_epoch(record))
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self.save_checkpoint()
-            if self.config.train.progress:
-                tqdm.write(format_epoch(record))
+        distributed.barrier(self.world)
         return read_jsonl(self.run.epochs)
 
 
