@@ -1,0 +1,304 @@
+"""Tests of the markdown report (physlm.report) and its figures (physlm.plots).
+
+A real tiny run and its control are trained once for the module; tests that
+need other situations (no control, a bidirectional model, an unfinished run,
+a drift far above the target) edit copies of the saved files, as the report
+only ever reads those.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from physlm import plots, report
+from physlm.__main__ import main
+from physlm.config import from_flat
+from physlm.model import ResNetBK, count_parameters
+from physlm.run import read_jsonl, write_jsonl
+from physlm.trainer import train
+
+TINY = {"dataset": "fixture", "d_model": 16, "n_layers": 2, "n_seq": 16, "vocab_size": 300,
+        "batch_size": 8, "epochs": 3, "physics_start_epoch": 1, "max_train_batches": 4,
+        "max_eval_batches": 2, "progress": False}
+HEADINGS = ["# physlm report: run", "## Summary", "## Model configuration",
+            "## Training configuration", "## Dataset", "## Warmup epochs", "## Physics epochs",
+            "## Energy conservation", "## Energy-loss progression", "## Lambda evolution",
+            "## Final results vs. control", "## Success criteria", "## Phase comparison",
+            "## Robustness", "## Plots", "## Provenance"]
+FIGURES = ["energy_drift", "lambda", "losses", "perplexity", "time"]
+
+
+# ---------------------------------------------------------------- helpers
+
+def section(text: str, heading: str) -> str:
+    """The body of one `## heading` section."""
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else None]
+
+
+def tables(block: str) -> list[list[dict[str, str]]]:
+    """Every markdown table in `block`, as lists of {header: cell} rows."""
+    found, lines = [], []
+    for line in [*block.splitlines(), ""]:
+        if line.startswith("|"):
+            lines.append([cell.strip() for cell in line.strip("|").split(" | ")])
+        elif lines:
+            header, body = lines[0], lines[2:]
+            found.append([dict(zip(header, row, strict=True)) for row in body])
+            lines = []
+    return found
+
+
+def settings(block: str) -> dict[str, str]:
+    """The first Setting | Value table of a section, as a dict."""
+    return {row["Setting"]: row["Value"] for row in tables(block)[0]}
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+def close(cell: str, value: float) -> bool:
+    return number(cell) == pytest.approx(value, rel=1e-4, abs=1e-4)
+
+
+def criteria(text: str) -> dict[str, str]:
+    return {row["Criterion"]: row["Status"] for row in tables(section(text, "Success criteria"))[0]}
+
+
+def copy_run(source: Path, target: Path, control: bool = True) -> Path:
+    ignore = ["checkpoints"] + ([] if control else ["control"])
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*ignore))
+    return target
+
+
+def edit_epochs(run_dir: Path, **values: float) -> None:
+    path = run_dir / "metrics" / "epochs.jsonl"
+    write_jsonl(path, [{**r, **values} for r in read_jsonl(path)])
+
+
+def render(run_dir: Path, control_dir: Path | None = None) -> str:
+    """The report's markdown without drawing its figures (fast; write_report draws them)."""
+    run = report.load_run(run_dir)
+    control = report.find_control(run_dir, control_dir)
+    return report.render_report(run, control, {}, run_dir, "python -m physlm report")
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real three-epoch run (one warmup, two physics epochs) and its physics-off control."""
+    root = tmp_path_factory.mktemp("report") / "run"
+    train(from_flat(TINY), root)
+    train(from_flat({**TINY, "physics": False}), root / "control")
+    return root
+
+
+@pytest.fixture(scope="module")
+def written(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    path = report.write_report(run_dir, out_dir=tmp_path_factory.mktemp("reports"))
+    return path, path.read_text()
+
+
+# ---------------------------------------------------------------- the report of a real run
+
+def test_report_file_and_every_figure_exist(written: tuple[Path, str]) -> None:
+    path, text = written
+    assert path.name == "run.md"
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
+    assert [Path(link).name for link in links] == [f"{name}.png" for name in FIGURES]
+    for link in links:
+        figure = path.parent / link
+        assert figure.parent == path.parent / "run"
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_section_is_present_in_order(written: tuple[Path, str]) -> None:
+    _, text = written
+    positions = [text.index(heading + "\n") for heading in HEADINGS]
+    assert positions == sorted(positions)
+    assert "> ⚠️" not in text  # a finished, causal physics run with a control: no warning
+
+
+def test_tables_hold_the_metrics_values(run_dir: Path, written: tuple[Path, str]) -> None:
+    _, text = written
+    epochs = read_jsonl(run_dir / "metrics" / "epochs.jsonl")
+    control = read_jsonl(run_dir / "control" / "metrics" / "epochs.jsonl")
+    env = json.loads((run_dir / "env.json").read_text())
+
+    warmup = tables(section(text, "Warmup epochs"))[0]
+    assert [row["Epoch"] for row in warmup] == ["1"]
+    assert close(warmup[0]["Val PPL"], epochs[0]["val_ppl"])
+    physics = tables(section(text, "Physics epochs"))[0]
+    assert [row["Epoch"] for row in physics] == ["2", "3"]
+    last = physics[-1]
+    assert close(last["Val PPL"], epochs[-1]["val_ppl"])
+    assert close(last["Val PPL (batch mean)"], epochs[-1]["val_ppl_batch_mean"])
+    assert close(last["Lambda"], epochs[-1]["lambda"])
+    assert close(last["Drift"], epochs[-1]["drift"])
+    assert close(last["Energy MSE (raw)"], epochs[-1]["train_energy_mse"])
+
+    model = settings(section(text, "Model configuration"))
+    assert number(model["Parameters (total)"]) == env["parameters"]["total"]
+    config = from_flat(TINY)
+    built = ResNetBK(config.model, env["vocab_size"], config.physics.lambda_energy_init)
+    assert count_parameters(built) == env["parameters"]
+
+    final = {row["Run"]: row for row in tables(section(text, "Final results vs. control"))[0]}
+    assert close(final["run"]["Val PPL"], epochs[-1]["val_ppl"])
+    assert close(final["control"]["Val PPL"], control[-1]["val_ppl"])
+
+
+def test_average_drift_is_the_mean_over_computed_physics_steps(
+        run_dir: Path, written: tuple[Path, str]) -> None:
+    _, text = written
+    steps = [r for r in read_jsonl(run_dir / "metrics" / "steps.jsonl")
+             if r["physics"] and r["energy_computed"] and not r["skipped"]]
+    energy = settings(section(text, "Energy conservation"))
+    assert close(energy["Average drift (physics steps)"],
+                 sum(r["drift"] for r in steps) / len(steps))
+    assert close(energy["Maximum drift"], max(r["drift"] for r in steps))
+    lambdas = settings(section(text, "Lambda evolution"))
+    assert close(lambdas["Final (mean over layers)"], steps[-1]["lambda"])
+
+
+def test_load_run_gives_dataframes(run_dir: Path) -> None:
+    run = report.load_run(run_dir)
+    assert run.name == "run" and run.finished and run.physics_planned
+    assert len(run.epochs) == 3 and list(run.epochs["phase"]) == ["warmup", "physics", "physics"]
+    assert len(run.steps) == 12 and run.config["d_model"] == 16
+    assert report.find_control(run_dir).config["physics"] is False
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        report.load_run(run_dir / "metrics")
+
+
+# ---------------------------------------------------------------- statuses follow the data
+
+def test_drift_status_follows_the_data(run_dir: Path, tmp_path: Path) -> None:
+    target = yaml.safe_load((run_dir / "config.yaml").read_text())["energy_target_drift"]
+    for drift, expected in ((1e6, report.NOT_MET), (target / 2, report.MET)):
+        copy = copy_run(run_dir, tmp_path / f"drift{drift}" / "run")
+        edit_epochs(copy, drift=drift, drift_max=drift)
+        text = render(copy)
+        assert criteria(text)["Average drift <= target"] == expected
+        energy = settings(section(text, "Energy conservation"))
+        assert energy["Status (average <= target)"] == expected
+        assert close(energy["Average drift (physics steps)"], drift)
+
+
+def test_perplexity_criterion_follows_the_control(run_dir: Path, tmp_path: Path) -> None:
+    name = f"Final val PPL within {report.PPL_TOLERANCE:.0%} of the control"
+    for scale, expected in ((10.0, report.MET), (0.1, report.NOT_MET)):
+        copy = copy_run(run_dir, tmp_path / f"scale{scale}" / "run")
+        ppl = read_jsonl(copy / "control" / "metrics" / "epochs.jsonl")[-1]["val_ppl"]
+        edit_epochs(copy / "control", val_ppl=ppl * scale)
+        assert criteria(render(copy))[name] == expected
+
+
+def test_missing_control_means_no_baseline(run_dir: Path, tmp_path: Path) -> None:
+    copy = copy_run(run_dir, tmp_path / "run", control=False)
+    text = render(copy)
+    assert "No control run; no baseline." in section(text, "Final results vs. control")
+    assert "no control run, so no baseline" in section(text, "Summary")
+    assert criteria(text)[f"Final val PPL within {report.PPL_TOLERANCE:.0%} of the control"] \
+        == report.NOT_EVALUATED
+    with_control = render(copy, control_dir=run_dir / "control")
+    assert "The control matches the run" in with_control
+
+
+def test_bidirectional_run_is_flagged(run_dir: Path, tmp_path: Path,
+                                      written: tuple[Path, str]) -> None:
+    assert "Not a causal language model" not in written[1]
+    copy = copy_run(run_dir, tmp_path / "run")
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    (copy / "config.yaml").write_text(yaml.safe_dump({**config, "bk_mode": "bidirectional"}))
+    text = render(copy)
+    assert "Not a causal language model" in text[:text.index("## Summary")]
+    assert "control is not a like-for-like baseline" in text  # bk_mode now differs
+
+
+def test_unfinished_run_reports_what_exists(run_dir: Path, tmp_path: Path) -> None:
+    copy = copy_run(run_dir, tmp_path / "run")
+    epochs = read_jsonl(copy / "metrics" / "epochs.jsonl")
+    write_jsonl(copy / "metrics" / "epochs.jsonl", epochs[:1])
+    text = render(copy)
+    head = text[:text.index("## Summary")]
+    assert "Unfinished run" in head and "1 of 3 epochs" in head
+    assert "physics phase has not started yet" in head
+    assert criteria(text)["Training finished all epochs"] == report.NOT_MET
+
+    for path in (copy / "metrics" / "epochs.jsonl", copy / "metrics" / "steps.jsonl"):
+        path.unlink()
+    path = report.write_report(copy, out_dir=tmp_path / "empty")  # figures of no data too
+    empty = path.read_text()
+    assert "0 of 3 epochs" in empty and all(h + "\n" in empty for h in HEADINGS[1:])
+    assert len(list((tmp_path / "empty" / "run").glob("*.png"))) == len(FIGURES)
+
+
+def test_physics_off_run_says_the_penalty_never_ran(run_dir: Path, tmp_path: Path) -> None:
+    text = render(run_dir / "control")
+    assert "The physics penalty never ran" in text[:text.index("## Summary")]
+    assert criteria(text)["Average drift <= target"] == report.NOT_EVALUATED
+
+
+def test_model_without_energy_heads(run_dir: Path, tmp_path: Path) -> None:
+    """A plain ResNet-BK run logs no energy or lambda fields; the report still works."""
+    copy = copy_run(run_dir / "control", tmp_path / "plain")
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    (copy / "config.yaml").write_text(yaml.safe_dump({**config, "energy_heads": False}))
+    energy_keys = {"energy_computed", "energy_mse", "drift", "lambda", "energy_mse_per_layer",
+                   "drift_per_layer", "lambda_per_layer", "kinetic", "potential",
+                   "train_energy_mse", "drift_max", "energy_steps"}
+    for name in ("steps", "epochs"):
+        path = copy / "metrics" / f"{name}.jsonl"
+        write_jsonl(path, [{k: v for k, v in r.items() if k not in energy_keys}
+                           for r in read_jsonl(path)])
+    text = render(copy)
+    assert "No multiplier was logged" in section(text, "Lambda evolution")
+    assert len(report.lambda_table(report.load_run(copy))) == 3
+    run = report.load_run(copy)
+    assert list(plots.make_figures(run, None)) == FIGURES
+
+
+def test_cli_writes_the_report(run_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["report", str(run_dir), "--out-dir", str(tmp_path)]) == 0
+    assert Path(capsys.readouterr().out.strip()) == tmp_path / "run.md"
+    assert (tmp_path / "run" / "energy_drift.png").is_file()
+    assert f"python -m physlm report {run_dir} --out-dir {tmp_path}" in (
+        tmp_path / "run.md").read_text()
+
+
+# ---------------------------------------------------------------- formatting and figures
+
+@pytest.mark.parametrize(("value", "text"), [
+    (1234567, "1,234,567"), (0.1, "0.1000"), (1234.56789, "1,234.5679"), (0.0, "0"),
+    (1e-5, "1.0000e-05"), (2.5e7, "2.5000e+07"), (math.inf, "inf"), (None, report.NA),
+    (True, "yes"), ("causal", "causal")])
+def test_fmt(value: object, text: str) -> None:
+    assert report.fmt(value) == text
+
+
+def test_markdown_table_aligns_numbers_right() -> None:
+    frame = pd.DataFrame({"Name": ["a|b", "c"], "Value": [1, report.NA]})
+    assert report.markdown_table(frame).splitlines() == [
+        "| Name | Value |", "| :--- | ---: |", "| a\\|b | 1 |", "| c | n/a |"]
+    assert report.markdown_table(frame.iloc[0:0]) == "_(no rows)_"
+
+
+def test_figures_have_titles_and_labels(run_dir: Path) -> None:
+    run = report.load_run(run_dir)
+    figures = plots.make_figures(run, report.find_control(run_dir))
+    assert list(figures) == FIGURES == list(report.FIGURE_CAPTIONS)
+    for figure in figures.values():
+        for ax in figure.axes:
+            assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
