@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -55,10 +56,40 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.handler(args)
-    except ConfigError as error:
-        print(f"physlm: configuration error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("physlm: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as error:
+        known = _known_error(error)
+        if known is None:
+            raise
+        label, code = known
+        print(f"physlm: {label}: {_one_line(error)}", file=sys.stderr)
+        return code
     return 0
+
+
+def _known_error(error: Exception) -> tuple[str, int] | None:
+    """(label, exit code) of the errors a user can act on: 2 for input, 1 for the run."""
+    if isinstance(error, ConfigError):
+        return "configuration error", 2
+    from physlm.checkpoint import CheckpointError  # imported here: they import torch
+    from physlm.data import DataError
+    from physlm.trainer import TrainingError
+
+    for kind, label, code in ((DataError, "data error", 2),
+                              (CheckpointError, "checkpoint error", 1),
+                              (TrainingError, "cannot train", 1),
+                              (PermissionError, "permission denied", 1)):
+        if isinstance(error, kind):
+            return label, code
+    return None
+
+
+def _one_line(error: Exception) -> str:
+    """The message on one line: "a:\n  b\n  c" becomes "a: b; c"."""
+    text = re.sub(r":\s*\n\s*", ": ", str(error).strip())
+    return re.sub(r"\s*\n\s*", "; ", text)
 
 
 if __name__ == "__main__":

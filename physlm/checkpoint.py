@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +26,42 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is truncated, foreign or incompatible."""
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files left by a process killed while writing `path`."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buffer)
+    _remove_stale_temporaries(path)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _first_sentence(error: BaseException) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text.split(". ")[0].rstrip(".")[:200]
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
-            ValueError) as error:
+    except Exception as error:  # torch raises many types on damaged files (OSError, ...)
+        if isinstance(error, pickle.UnpicklingError) and "Weights only" in str(error):
+            # Never suggest loading it anyway, as torch's own message does.
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it holds Python objects other than tensors "
+                "and plain data, which were refused (loading them could run code), so it is "
+                "not a physlm checkpoint; delete it to restart from scratch, or set "
+                "overwrite: true") from error
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {str(error).splitlines()[0]}. It is truncated, "
-            "corrupt or not a physlm checkpoint; delete it to restart from scratch, or set "
-            "overwrite: true") from error
+            f"cannot read checkpoint {path}: {type(error).__name__}: {_first_sentence(error)}. "
+            "It is truncated, corrupt or not a physlm checkpoint; delete it to restart from "
+            "scratch, or set overwrite: true") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} file; delete it or set overwrite: true")
+        raise CheckpointError(f"{path} is not a {FORMAT} file; delete it to restart from "
+                              "scratch, or set overwrite: true")
     return state

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -116,7 +117,7 @@ class Config:
             (t.lr > 0, "lr must be > 0"),
             (t.weight_decay >= 0, "weight_decay must be >= 0"),
             (t.grad_clip > 0, "grad_clip must be > 0"),
-            (t.seed >= 0, "seed must be >= 0"),
+            (0 <= t.seed < 2**32, "seed must be in [0, 2**32)"),
             (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
              f"device must be 'auto', 'cpu' or 'cuda[:N]', got {t.device!r}"),
             (t.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: only at epoch ends)"),
@@ -134,6 +135,10 @@ class Config:
             (not (p.physics and not m.energy_heads),
              "physics: true needs energy_heads: true (the energy heads define H = T + V)"),
         ]
+        checks += [(math.isfinite(value), f"{name} must be a finite number, got {value}")
+                   for section in (m, d, t, p)
+                   for name, value in dataclasses.asdict(section).items()
+                   if isinstance(value, float)]
         errors = [message for ok, message in checks if not ok]
         if errors:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
@@ -223,6 +228,9 @@ def from_flat(values: dict[str, Any], base: Config | None = None) -> Config:
     config = dataclasses.replace(base) if base else Config()
     sections = {s: dataclasses.asdict(getattr(config, s)) for s in _SECTIONS}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"parameter names are text, got {type(key).__name__} {key!r}; "
+                              f"valid names are listed in physlm.config.KEYS")
         if key not in _FIELDS:
             raise ConfigError(f"unknown parameter {key!r}{_suggest(key, KEYS)}")
         section, hint = _FIELDS[key]
@@ -256,7 +264,13 @@ def load_config(params_file: str | Path | None = None,
 def parse_assignment(text: str) -> tuple[str, Any]:
     """Parse a command-line `key=value`; the value is read as YAML (`2`, `1e-3`, `true`)."""
     key, sep, raw = text.partition("=")
+    key = key.strip()
     if not sep or not key:
         raise ConfigError(f"expected key=value, got {text!r}")
-    value = yaml.safe_load(raw) if raw else None
-    return key.strip(), value
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{text}: {raw!r} is not a valid YAML value ({problem}); fix it, "
+                          "or quote it to pass it as text") from error
+    return key, value

@@ -197,10 +197,12 @@ def load_corpus(data: DataConfig, n_seq: int, vocab: Vocabulary | None = None) -
     for split, words in tokens.items():
         where = files.get(split, f"{source} {split}")
         if not words:
-            raise DataError(f"the {split} split ({where}) holds no tokens")
+            raise DataError(f"the {split} split ({where}) holds no tokens; point "
+                            f"{split}_file or data_dir at the text it should hold")
         if len(words) < needed:
             raise DataError(f"the {split} split ({where}) has {len(words)} tokens, fewer than "
-                            f"one sequence needs: n_seq + 1 = {needed}")
+                            f"one sequence needs: n_seq + 1 = {needed}; give it more text "
+                            "or lower n_seq")
     if vocab is None:
         vocab = Vocabulary.build(tokens["train"], data.vocab_size)
     chunks = {split: chunk_ids(vocab.encode(words), n_seq) for split, words in tokens.items()}

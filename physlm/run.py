@@ -89,16 +89,52 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _repair_torn_tail(handle: Any) -> None:
+    """Make a file opened "a+b" end with a complete line before anything is appended.
+
+    A crash mid-write can leave a last line without its newline; appending to it would
+    glue the next record onto it and garble both. A torn line that is still valid JSON
+    (only the newline was lost) gets its newline; any other torn line is cut off.
+    """
+    size = handle.seek(0, os.SEEK_END)
+    if size == 0:
+        return
+    handle.seek(size - 1)
+    if handle.read(1) == b"\n":
+        return
+    start = size
+    while start > 0:  # find the start of the last line, reading backwards in blocks
+        block_start = max(0, start - 65536)
+        handle.seek(block_start)
+        newline = handle.read(start - block_start).rfind(b"\n")
+        if newline >= 0:
+            start = block_start + newline + 1
+            break
+        start = block_start
+    handle.seek(start)
+    try:
+        complete = isinstance(json.loads(handle.read(size - start)), dict)
+    except ValueError:  # json.JSONDecodeError, or bytes that are not UTF-8
+        complete = False
+    if complete:
+        handle.write(b"\n")
+    else:
+        handle.truncate(start)
+
+
 def append_jsonl(path: Path, records: list[dict[str, Any]], sync: bool = False) -> None:
     """Append records, one JSON object per line.
 
     The write is flushed to the operating system, so it survives the process being
-    killed; `sync` also forces it to disk (for records that are written rarely).
+    killed; `sync` also forces it to disk (for records that are written rarely). A
+    torn last line left by an earlier crash is repaired first (`_repair_torn_tail`).
     """
     if not records:
         return
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(r, allow_nan=True) + "\n" for r in records))
+    with open(path, "a+b") as handle:
+        _repair_torn_tail(handle)
+        handle.write("".join(json.dumps(r, allow_nan=True) + "\n" for r in records)
+                     .encode("utf-8"))
         handle.flush()
         if sync:
             os.fsync(handle.fileno())

@@ -81,6 +81,12 @@ class Trainer:
         if config.train.amp and not self.amp:
             warnings.warn("amp: true is ignored on the CPU (no bf16 units); training in float32",
                           stacklevel=2)
+        if config.physics.physics and not config.physics_runs:
+            warnings.warn(f"physics_start_epoch ({config.physics.physics_start_epoch}) == epochs "
+                          f"({config.train.epochs}): physics never runs, every epoch is warmup. "
+                          "Raise epochs or lower physics_start_epoch to train with the energy "
+                          "penalty (or set physics: false to say that this is intended).",
+                          stacklevel=2)
         # Rank 0 decides (and cleans up on overwrite); the others follow what it left.
         if self.rank == 0:
             self._prepare_run_directory()
