@@ -165,12 +165,12 @@ _FIELDS: dict[str, tuple[str, Any]] = {
 KEYS: tuple[str, ...] = tuple(_FIELDS)
 
 
-def _suggest(key: str, candidates: typing.Iterable[str]) -> str:
+def suggest(key: str, candidates: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
+def coerce(key: str, value: Any, hint: Any) -> Any:
     """Return `value` as the type `hint` asks for, or raise ConfigError.
 
     Ints are accepted where floats are expected, and numeric strings where
@@ -184,12 +184,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value == "" and type(None) in options:
             return None  # papermill and CLI users write "empty" as ""
         (inner,) = [o for o in options if o is not type(None)]
-        return _coerce(key, value, inner)
+        return coerce(key, value, inner)
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}"
-                              + (_suggest(str(value), choices) if isinstance(value, str) else ""))
+                              + (suggest(str(value), choices) if isinstance(value, str) else ""))
         return value
     if hint is bool:
         if isinstance(value, bool):
@@ -232,9 +232,9 @@ def from_flat(values: dict[str, Any], base: Config | None = None) -> Config:
             raise ConfigError(f"parameter names are text, got {type(key).__name__} {key!r}; "
                               f"valid names are listed in physlm.config.KEYS")
         if key not in _FIELDS:
-            raise ConfigError(f"unknown parameter {key!r}{_suggest(key, KEYS)}")
+            raise ConfigError(f"unknown parameter {key!r}{suggest(key, KEYS)}")
         section, hint = _FIELDS[key]
-        sections[section][key] = _coerce(key, value, hint)
+        sections[section][key] = coerce(key, value, hint)
     built = Config(**{s: _SECTION_TYPES[s](**sections[s]) for s in _SECTIONS})
     return built.validate()
 

@@ -1,0 +1,204 @@
+"""The notebook pipeline: parameters -> one configuration -> stage notebooks -> report.
+
+`notebooks/phase3.ipynb` collects its papermill parameters, resolves them into a
+`Config` and calls `run_pipeline`, which executes the stage notebooks with papermill:
+
+    warmup.ipynb     train(config, run_dir, until_epoch=physics_start_epoch)  (physics off)
+    physics.ipynb    train(config, run_dir): the remaining epochs, physics penalty on
+    control          the same two stages with physics: false, in <run_dir>/control
+    analysis.ipynb   tables, plots and the markdown report (physlm.report)
+
+The executed copy of every stage is kept in <run_dir>/notebooks/<stage>.ipynb (the
+control's in <run_dir>/control/notebooks/). Every stage receives the same resolved
+configuration (`Config.to_flat()`, as the parameter `config_overrides`). A training
+stage whose epochs are already in the run's checkpoint is skipped, so re-running the
+pipeline reuses finished work and a re-run after a crash resumes from the last
+checkpoint. A failing stage raises `StageError`, which names the stage, the error and
+where its executed notebook is. The notebooks work in the repository root (launch
+papermill there, or from notebooks/), so relative paths in parameters (params_file,
+run_dir, data_dir, report_dir) are relative to the repository root in every stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import yaml
+
+from physlm.checkpoint import CheckpointError, load_checkpoint
+from physlm.config import KEYS, Config, ConfigError, coerce, from_flat, load_config, suggest
+from physlm.run import RunDirectory
+from physlm.trainer import RESUMABLE_KEYS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO_ROOT / "notebooks"
+# Stage kernels log errors only: their start-up warnings would land in the caller's output.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+
+
+@dataclass
+class PipelineOptions:
+    """Settings of the pipeline itself; every other parameter is a `Config` key."""
+
+    params_file: str | None = None   # YAML parameter file (flat config keys)
+    run_dir: str | None = None       # default runs/<params file stem, or "phase3">
+    control_run: bool = True         # also train the physics-off baseline in <run_dir>/control
+    report_dir: str = "reports"
+
+
+PIPELINE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PipelineOptions))
+_OPTION_TYPES = typing.get_type_hints(PipelineOptions)
+
+
+class StageError(RuntimeError):
+    """A stage notebook failed; its executed copy (with the traceback) is kept."""
+
+    def __init__(self, stage: str, ename: str, evalue: str, notebook: Path) -> None:
+        self.stage, self.ename, self.evalue, self.notebook = stage, ename, evalue, notebook
+        super().__init__(f"stage {stage!r} failed with {ename}: {evalue}\n"
+                         f"The executed notebook of the failed stage is kept in {notebook}; "
+                         "open it for the full traceback.")
+
+
+# ------------------------------------------------------------------ parameters
+def notebook_parameters(namespace: Mapping[str, Any],
+                        names_before: Iterable[str]) -> dict[str, Any]:
+    """The parameters a notebook was given: the names defined after `names_before`.
+
+    Papermill injects `-p`/`-f` values as variables after the parameters cell, also
+    names the cell does not define; so every new name counts, except private names
+    (`_x`) and modules.
+    """
+    before = set(names_before)
+    return {name: value for name, value in namespace.items()
+            if name not in before and not name.startswith("_")
+            and not isinstance(value, types.ModuleType)}
+
+
+def resolve(params: Mapping[str, Any]) -> tuple[Config, Path, PipelineOptions]:
+    """Split parameters into pipeline options and config keys; build the validated config.
+
+    Config precedence: package defaults < params_file < the other parameters; a value
+    of None means "not set". Raises ConfigError for an unknown name (naming the closest
+    valid one) or a bad value.
+    """
+    for key in params:
+        if key not in KEYS and key not in PIPELINE_KEYS:
+            raise ConfigError(f"unknown parameter {key!r}{suggest(key, KEYS + PIPELINE_KEYS)}")
+    params = {key: value for key, value in params.items() if value is not None}
+    options = PipelineOptions(**{
+        key: coerce(key, str(value) if isinstance(value, Path) else value, _OPTION_TYPES[key])
+        for key, value in params.items() if key in PIPELINE_KEYS})
+    config = load_config(options.params_file,
+                         {key: value for key, value in params.items() if key in KEYS})
+    stem = Path(options.params_file).stem if options.params_file else "phase3"
+    run_dir = Path(options.run_dir or Path("runs") / stem).resolve()
+    return config, run_dir, options
+
+
+def non_default_settings(config: Config) -> dict[str, Any]:
+    """The settings of `config` that differ from the package defaults."""
+    defaults = Config().to_flat()
+    return {key: value for key, value in config.to_flat().items() if value != defaults[key]}
+
+
+# ------------------------------------------------------------------ stages
+def completed_epochs(run_dir: str | Path) -> int:
+    """Epochs finished according to the run's checkpoint (0 without a readable one)."""
+    path = RunDirectory(run_dir).checkpoint
+    try:
+        return int(load_checkpoint(path)["epoch"])
+    except (FileNotFoundError, CheckpointError):
+        return 0
+
+
+def stage_done(config: Config, run_dir: str | Path, until_epoch: int) -> bool:
+    """Whether the run in `run_dir` is this configuration's run and has `until_epoch` epochs.
+
+    A run with other (non-resumable) settings is never reused: its stage runs and the
+    trainer explains the conflict. overwrite: true, or resume: false, never reuses.
+    """
+    run = RunDirectory(run_dir)
+    if config.train.overwrite or not config.train.resume or not run.config.exists():
+        return False
+    saved = from_flat(yaml.safe_load(run.config.read_text()) or {}).to_flat()
+    now = config.to_flat()
+    if any(now[key] != saved[key] for key in now if key not in RESUMABLE_KEYS):
+        return False
+    return completed_epochs(run_dir) >= until_epoch
+
+
+def run_stage(name: str, notebook: str | Path, run_dir: str | Path,
+              parameters: dict[str, Any]) -> Path:
+    """Execute a stage notebook with papermill; return the executed copy.
+
+    The copy is <run_dir>/notebooks/<notebook name>, written also when the stage fails.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    output = RunDirectory(run_dir).notebooks / Path(notebook).name
+    output.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{name}: running (executed notebook: {output})")
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(notebook), str(output), parameters=parameters,
+                                   kernel_name="python3", progress_bar=False, log_output=False,
+                                   cwd=str(REPO_ROOT), extra_arguments=KERNEL_ARGUMENTS)
+    except PapermillExecutionError as error:
+        raise StageError(name, error.ename, error.evalue, output) from None
+    except Exception as error:  # the kernel died or did not start, a timeout, ...
+        raise StageError(name, type(error).__name__, str(error), output) from error
+    print(f"{name}: done in {time.perf_counter() - start:.0f}s")
+    return output
+
+
+def train_run(config: Config, run_dir: str | Path, label: str = "") -> None:
+    """The warmup and physics stages of one run; a stage whose epochs are done is skipped."""
+    run_dir = Path(run_dir)
+    # overwrite and resume: false apply to the run's start; the physics stage continues it.
+    rest = from_flat({**config.to_flat(), "overwrite": False, "resume": True})
+    for stage, stage_config, until in (("warmup", config, config.physics.physics_start_epoch),
+                                       ("physics", rest, config.train.epochs)):
+        if stage_done(stage_config, run_dir, until):
+            print(f"{label}{stage}: done already ({until} epochs in {run_dir}), reused")
+        else:
+            run_stage(f"{label}{stage}", NOTEBOOKS / f"{stage}.ipynb", run_dir,
+                      {"run_dir": str(run_dir), "config_overrides": stage_config.to_flat()})
+
+
+def control_config(config: Config) -> Config:
+    """The baseline: the same configuration (model, data, seed, budget) with physics off."""
+    return from_flat({**config.to_flat(), "physics": False})
+
+
+def run_pipeline(config: Config, run_dir: str | Path, options: PipelineOptions) -> Path:
+    """Warmup, physics, control (if options.control_run) and analysis; return the report."""
+    if not NOTEBOOKS.is_dir():
+        raise FileNotFoundError(f"stage notebooks not found in {NOTEBOOKS}; the pipeline needs "
+                                "a source checkout (git clone, then pip install -e .)")
+    run_dir = Path(run_dir).resolve()
+    train_run(config, run_dir)
+    if options.control_run:
+        train_run(control_config(config), RunDirectory(run_dir).control.root, label="control ")
+    report_dir = Path(options.report_dir).resolve()
+    run_stage("analysis", NOTEBOOKS / "analysis.ipynb", run_dir,
+              {"run_dir": str(run_dir), "report_dir": str(report_dir)})
+    return report_dir / f"{RunDirectory(run_dir).name}.md"
+
+
+# ------------------------------------------------------------------ report
+def report_figures(report_path: str | Path) -> list[Path]:
+    """The image files a markdown report links (`![caption](path)`), in order."""
+    report_path = Path(report_path)
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", report_path.read_text(encoding="utf-8"))
+    return [report_path.parent / unquote(link) for link in links]
