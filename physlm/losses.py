@@ -5,51 +5,75 @@
 
 The full (tokens x vocabulary) logits of a training batch, 4096 x 30,000 floats
 (~0.5 GB), and their gradient are the largest tensors of a step. Here the
-tokens are processed in chunks: each chunk's logits are made, reduced to the
-loss, turned into their gradient in place, and contracted at once into the
-gradients of h, W and b. Nothing of size T x V outlives a chunk, and the
-backward pass only scales the gradients computed here by the incoming one,
-so the three large matrix products (logits, dh, dW) each happen once.
+tokens are processed in chunks small enough to stay in the CPU's last-level
+cache: each chunk's logits are made, reduced to the loss, turned into their
+gradient in place, and contracted at once into the gradients of h, W and b.
+Nothing of size T x V outlives a chunk, and the backward pass only scales the
+gradients computed here by the incoming one, so the three large matrix
+products (logits, dh, dW) each happen once.
+
+Per chunk, with m_t the row maximum and e_t = exp(W h_t + b - m_t), s_t = sum(e_t):
+
+    dh_t = (e_t / s_t) @ W - W_{y_t}
+    dW   = sum_t e_t (h_t / s_t)^T - sum_t onehot(y_t) h_t^T,   db likewise with h_t -> 1
+
+so the softmax is never normalised over the vocabulary (the 1 / s_t goes into the small
+operands) and the one-hot part is one gather and one index_add over all tokens at the end.
 """
 
 from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 2**23  # logits per chunk: 32 MiB in float32
+# Logits per chunk: 16 MiB in float32 (139 tokens at 30,000 words). Measured fastest among
+# 2^21..2^23 on a 2-core CPU with 32 MiB of L3; larger blocks also cross glibc's 32 MiB mmap
+# threshold, so every chunk would be a fresh, page-faulted allocation.
+CHUNK_ELEMENTS = 2**22
 
 
 def _chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            targets: torch.Tensor, with_grads: bool) -> tuple[torch.Tensor, ...]:
     """Mean loss and, if asked, its gradients (dh, dW, db), one chunk of tokens at a time."""
-    inputs = h.reshape(-1, h.shape[-1])
-    targets = targets.reshape(-1)
-    num_tokens, vocab = inputs.shape[0], weight.shape[0]
     dtype = torch.promote_types(weight.dtype, torch.float32)  # softmax never below fp32
+    d_model = h.shape[-1]
+    inputs, targets = h.reshape(-1, d_model).to(dtype), targets.reshape(-1)
+    w = weight.to(dtype)
+    num_tokens, vocab = inputs.shape[0], weight.shape[0]
+    # The bias as the weight of a constant input 1, so each chunk's logits are one product.
+    x, w_x = inputs, w
+    if bias is not None:
+        x = torch.cat([inputs, inputs.new_ones(num_tokens, 1)], dim=1)
+        w_x = torch.cat([w, bias.to(dtype).unsqueeze(1)], dim=1)
+    chunk = min(num_tokens, max(1, CHUNK_ELEMENTS // vocab))
+    buffer = torch.empty(chunk, vocab, device=h.device, dtype=dtype)  # reused by every chunk
     loss = torch.zeros((), device=h.device, dtype=dtype)
     if with_grads:
         grad_h = torch.empty_like(inputs)
-        grad_w = torch.zeros_like(weight, dtype=dtype)
+        grad_w = torch.zeros_like(w)
         grad_b = None if bias is None else torch.zeros(vocab, device=h.device, dtype=dtype)
-    chunk = max(1, CHUNK_ELEMENTS // vocab)
     for start in range(0, num_tokens, chunk):
-        h_chunk, y = inputs[start:start + chunk], targets[start:start + chunk]
-        logits = (h_chunk @ weight.t()).to(dtype)
-        if bias is not None:
-            logits += bias
-        lse = torch.logsumexp(logits, dim=-1)
-        loss += (lse - logits.gather(1, y.unsqueeze(1)).squeeze(1)).sum()
+        end = min(start + chunk, num_tokens)
+        logits = torch.mm(x[start:end], w_x.t(), out=buffer[:end - start])
+        target_logit = logits.gather(1, targets[start:end].unsqueeze(1))
+        row_max = logits.amax(dim=1, keepdim=True)
+        exp = logits.sub_(row_max).exp_()                           # in place: e_t
+        total = exp.sum(dim=1, keepdim=True)                        # s_t
+        loss += (row_max + total.log() - target_logit).sum()
         if with_grads:
-            probs = logits.sub_(lse.unsqueeze(1)).exp_()           # softmax, in place
-            probs[torch.arange(len(y), device=y.device), y] -= 1.0
-            grad_h[start:start + chunk] = (probs @ weight.to(dtype)).to(inputs.dtype)
-            grad_w.addmm_(probs.t(), h_chunk.to(dtype))
+            inv_total = total.reciprocal_()
+            grad_h[start:end] = (exp @ w).mul_(inv_total)
+            grad_w.addmm_(exp.t(), inputs[start:end] * inv_total)
             if grad_b is not None:
-                grad_b += probs.sum(dim=0)
+                grad_b.addmv_(exp.t(), inv_total.squeeze(1))
     scale = 1.0 / num_tokens
     if not with_grads:
         return (loss * scale,)
-    return (loss * scale, grad_h.mul_(scale).view_as(h), grad_w.mul_(scale).to(weight.dtype),
+    grad_h -= w[targets]
+    grad_w.index_add_(0, targets, inputs, alpha=-1)
+    if grad_b is not None:
+        grad_b.index_add_(0, targets, grad_b.new_ones(num_tokens), alpha=-1)
+    return (loss * scale, grad_h.mul_(scale).to(h.dtype).view_as(h),
+            grad_w.mul_(scale).to(weight.dtype),
             None if grad_b is None else grad_b.mul_(scale).to(bias.dtype))
 
 
