@@ -24,6 +24,18 @@ def _fixture_cache(tmp_path_factory):
         yield
 
 
+def crash_after_step(trainer, monkeypatch, step: int) -> None:
+    """Make `trainer` stop as if killed, once `step` optimizer steps are done."""
+    train_step = trainer.train_step
+
+    def crashing(*args):
+        if trainer.global_step == step:
+            raise KeyboardInterrupt("simulated crash")
+        return train_step(*args)
+
+    monkeypatch.setattr(trainer, "train_step", crashing)
+
+
 @pytest.fixture
 def tiny_config():
     def make(**overrides) -> Config:

@@ -30,7 +30,7 @@ from physlm.fixture import fixture_dir
 from physlm.run import RunDirectory, append_jsonl, read_jsonl
 from physlm.trainer import Trainer, train
 
-from .conftest import REPO_ROOT, TINY
+from .conftest import REPO_ROOT, TINY, crash_after_step
 
 VOLATILE = {"time_s", "tokens_per_s", "val_time_s", "train_time_s"}
 
@@ -492,14 +492,7 @@ def test_resume_after_torn_metric_lines_is_exact(tmp_path, tiny_config, monkeypa
     config = tiny_config(epochs=2, max_train_batches=3, max_eval_batches=1, checkpoint_every=2)
     train(config, tmp_path / "straight")
     crashing = Trainer(config, tmp_path / "cut")
-    step = crashing.train_step
-
-    def crash(*args):
-        if crashing.global_step == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return step(*args)
-
-    monkeypatch.setattr(crashing, "train_step", crash)
+    crash_after_step(crashing, monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         crashing.fit()
     run = crashing.run

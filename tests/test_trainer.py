@@ -10,6 +10,8 @@ import torch
 from physlm.run import read_jsonl
 from physlm.trainer import Trainer, TrainingError, train
 
+from .conftest import crash_after_step
+
 VOLATILE = {"time_s", "tokens_per_s", "val_time_s", "train_time_s"}
 
 
@@ -85,14 +87,7 @@ def test_mid_epoch_checkpoint_resume_is_exact(tiny_config, tmp_path, monkeypatch
     config = tiny_config(epochs=2, checkpoint_every=4)     # 6 batches per epoch
     train(config, tmp_path / "straight")
     crashing = Trainer(config, tmp_path / "cut")
-    step = crashing.train_step
-
-    def crash_at_step_ten(*args):
-        if crashing.global_step == 9:
-            raise KeyboardInterrupt("simulated crash")
-        return step(*args)
-
-    monkeypatch.setattr(crashing, "train_step", crash_at_step_ten)
+    crash_after_step(crashing, monkeypatch, 9)
     with pytest.raises(KeyboardInterrupt):
         crashing.fit()
     assert len(read_jsonl(tmp_path / "cut" / "metrics" / "steps.jsonl")) == 9
