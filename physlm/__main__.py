@@ -2,6 +2,7 @@
 
     python -m physlm train  --params params/phase3.yaml --set epochs=2 --run-dir runs/x
     python -m physlm report runs/x
+    python -m physlm bench  [--quick] [--only step,eval,bk,scaling,moe]
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the benchmark harness has its own options
+        from physlm.bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="physlm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dir", type=Path)
     report.add_argument("--out-dir", type=Path, default=Path("reports"))
     report.set_defaults(handler=_report)
+
+    commands.add_parser("bench", help="benchmarks (python -m physlm bench -h)")
 
     args = parser.parse_args(argv)
     try:
