@@ -47,6 +47,9 @@ from physlm.run import (
 )
 
 FLUSH_EVERY_CUDA = 50
+# Step-record statistics logged per layer, and the name of their mean over layers.
+LAYER_MEANS = {"lambda": "lambda_per_layer", "drift": "drift_per_layer",
+               "energy_mse": "energy_mse_per_layer"}
 # Settings that may change between a run and its resumption; any other change
 # (model shape, data, seed, optimiser, physics recipe) makes a different run.
 RESUMABLE_KEYS = frozenset({"epochs", "device", "amp", "progress", "checkpoint_every",
@@ -303,9 +306,10 @@ class Trainer:
         }
         if self.config.model.energy_heads:
             zeros = torch.zeros(self.config.model.n_layers, device=x.device)
-            record.update({key: (stats[key] if terms else zeros).float()
-                           for key in ("mse", "drift", "kinetic", "potential")})
-            record.update(energy_computed=terms is not None, lambda_=torch.stack(
+            record.update({name: (stats[key] if terms else zeros).float() for name, key in (
+                ("energy_mse_per_layer", "mse"), ("drift_per_layer", "drift"),
+                ("kinetic", "kinetic"), ("potential", "potential"))})
+            record.update(energy_computed=terms is not None, lambda_per_layer=torch.stack(
                 [m.value.detach().clone() for m in model.multipliers]))
         return record
 
@@ -325,14 +329,9 @@ class Trainer:
         for pending in self._pending:
             record = {k: (v.tolist() if isinstance(v, torch.Tensor) else v)
                       for k, v in pending.items()}
-            if "lambda_" in record:
-                record["lambda_per_layer"] = record.pop("lambda_")
-                record["drift_per_layer"] = record.pop("drift")
-                record["energy_mse_per_layer"] = record.pop("mse")
-                record["lambda"] = sum(record["lambda_per_layer"]) / len(record["lambda_per_layer"])
-                record["drift"] = sum(record["drift_per_layer"]) / len(record["drift_per_layer"])
-                record["energy_mse"] = (sum(record["energy_mse_per_layer"])
-                                        / len(record["energy_mse_per_layer"]))
+            for name, per_layer in LAYER_MEANS.items():
+                if per_layer in record:
+                    record[name] = sum(record[per_layer]) / len(record[per_layer])
             record["time_s"] = step_time
             record["tokens_per_s"] = record.pop("tokens") / step_time
             records.append(record)
