@@ -32,12 +32,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import yaml
-
 from physlm.checkpoint import CheckpointError, load_checkpoint
 from physlm.config import KEYS, Config, ConfigError, coerce, from_flat, load_config, suggest
 from physlm.run import RunDirectory
-from physlm.trainer import RESUMABLE_KEYS
+from physlm.trainer import settings_changed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -130,11 +128,7 @@ def stage_done(config: Config, run_dir: str | Path, until_epoch: int) -> bool:
     run = RunDirectory(run_dir)
     if config.train.overwrite or not config.train.resume or not run.config.exists():
         return False
-    saved = from_flat(yaml.safe_load(run.config.read_text()) or {}).to_flat()
-    now = config.to_flat()
-    if any(now[key] != saved[key] for key in now if key not in RESUMABLE_KEYS):
-        return False
-    return completed_epochs(run_dir) >= until_epoch
+    return not settings_changed(config, run) and completed_epochs(run_dir) >= until_epoch
 
 
 def run_stage(name: str, notebook: str | Path, run_dir: str | Path,

@@ -60,6 +60,16 @@ class TrainingError(RuntimeError):
     """Training cannot go on: too many non-finite steps, or a run directory conflict."""
 
 
+def settings_changed(config: Config, run: RunDirectory) -> dict[str, tuple[Any, Any]]:
+    """Settings outside RESUMABLE_KEYS whose value in the run's config.yaml differs from
+    `config`: key -> (value in the run, value now). Empty when the run has no config."""
+    if not run.config.exists():
+        return {}
+    before = from_flat(yaml.safe_load(run.config.read_text()) or {}).to_flat()
+    return {key: (before[key], now) for key, now in config.to_flat().items()
+            if key not in RESUMABLE_KEYS and now != before[key]}
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,16 +151,10 @@ class Trainer:
             raise TrainingError(f"{run.root} already holds a run. Set resume: true to continue "
                                 "it, overwrite: true to start afresh there, or choose another "
                                 "run_dir.")
-        if run.config.exists():
-            self._check_same_config(yaml.safe_load(run.config.read_text()) or {})
-
-    def _check_same_config(self, saved: dict[str, Any]) -> None:
-        saved_config = from_flat(saved)
-        now, before = self.config.to_flat(), saved_config.to_flat()
-        differing = [f"{key}: {before[key]!r} in the run, {now[key]!r} now"
-                     for key in now if key not in RESUMABLE_KEYS and now[key] != before[key]]
+        differing = [f"{key}: {before!r} in the run, {now!r} now"
+                     for key, (before, now) in settings_changed(self.config, run).items()]
         if differing:
-            raise TrainingError(f"cannot resume the run in {self.run.root}: its settings differ "
+            raise TrainingError(f"cannot resume the run in {run.root}: its settings differ "
                                 "from this configuration:\n  " + "\n  ".join(differing) +
                                 "\nUse the run's settings, set overwrite: true to start afresh, "
                                 "or choose another run_dir.")
