@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from physlm.bk_core import CHUNK, resolvent_diagonal
+from physlm.bk_core import BLOCK, CHUNK, _linear_scan, resolvent_diagonal
 
 
 def potentials(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -84,6 +84,21 @@ def test_matches_dense_inverse_two_scan_levels() -> None:
     for i in [0, CHUNK - 1, CHUNK, 100, CHUNK * CHUNK - 1, CHUNK * CHUNK, n - 1]:
         expected = dense_reference(a[:, : i + 1], None, 0.3 + 0.8j, False)[:, -1]
         torch.testing.assert_close(causal[:, i], expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5,
+                               BLOCK * BLOCK + 77])
+def test_linear_scan_matches_the_recurrence(n: int) -> None:
+    """The backward's scan, x_i = u_i + d_i x_{i+1}, against one site at a time: within one
+    block, across blocks, and with more blocks than BLOCK (the carry is blocked too)."""
+    gen = torch.Generator().manual_seed(n)
+    u = torch.randn(2, n, generator=gen, dtype=torch.complex128)
+    d = 0.9 * torch.randn(2, n - 1, generator=gen, dtype=torch.complex128)
+    x = [u[:, -1]]
+    for i in range(n - 2, -1, -1):
+        x.append(u[:, i] + d[:, i] * x[-1])
+    expected = torch.stack(x[::-1], -1)
+    torch.testing.assert_close(_linear_scan(u, d), expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("causal", [True, False])
