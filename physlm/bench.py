@@ -18,9 +18,10 @@ Sections (all on synthetic tokens, at the reference configuration of SPEC sectio
 - scaling: BK core at N = 128 ... 16,384 with B * N fixed, time per position.
 - moe: one MoE layer forward + backward, sparse dispatch against dense (all experts).
 
-Times are medians over repeats after warmup (time.perf_counter, with
-torch.cuda.synchronize around each timed call on CUDA). Only ratios measured in
-the same run are comparable: the machine may be shared. On a shared CPU, set
+Times are medians of samples after warmup rounds, a sample being the mean of a run of
+consecutive calls (see Timing; time.perf_counter, with torch.cuda.synchronize around each
+timed run on CUDA). Only ratios measured in the same run are comparable: the machine may
+be shared. On a shared CPU, set
 OMP_WAIT_POLICY=PASSIVE: spinning OpenMP workers otherwise lose their core to other
 processes at every parallel region, and small operations take milliseconds.
 """
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -59,9 +61,25 @@ from physlm.trainer import Trainer, resolve_device
 SECTIONS = ("step", "eval", "bk", "scaling", "moe")
 STEP_CONFIGS = ("naive_floor", "physics_off", "physics_on")
 FORMS = ("causal", "bidirectional")
-# Section: (repeats, warmup rounds).
-FULL = {"step": (31, 3), "eval": (20, 3), "bk": (30, 5), "scaling": (10, 2), "moe": (30, 5)}
-QUICK = {"step": (3, 1), "eval": (3, 1), "bk": (5, 2), "scaling": (3, 1), "moe": (5, 2)}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How a section is timed: `repeats` samples per function, after `warmup` untimed rounds,
+    each sample the mean over `calls` consecutive calls. A single millisecond-long call timed
+    right after a different workload ran up to 1.6x slower than in a steady state on this
+    shared CPU (caches, predictors, a vCPU that idled): that measures the neighbour, not the
+    code, so short calls are timed in runs."""
+
+    repeats: int
+    warmup: int
+    calls: int
+
+
+FULL = {"step": Timing(31, 3, 1), "eval": Timing(20, 3, 1), "bk": Timing(30, 5, 20),
+        "scaling": Timing(10, 2, 3), "moe": Timing(30, 5, 5)}
+QUICK = {"step": Timing(3, 1, 1), "eval": Timing(3, 1, 1), "bk": Timing(5, 2, 5),
+         "scaling": Timing(3, 1, 1), "moe": Timing(5, 2, 2)}
 EPOCH_STEPS, EVAL_STEPS = 498, 52   # train and validation batches on WikiText-2 (SPEC section 1)
 VOCAB, BATCH = 30_000, 32
 SCALING_POSITIONS = 65_536  # B * N for the scaling sweep
@@ -83,20 +101,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
-                     warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, calling them round-robin after `warmup` rounds."""
-    for _ in range(warmup):
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device,
+                     timing: Timing) -> dict[str, list[float]]:
+    """Seconds per call of each function, sampled round-robin (see Timing)."""
+    for _ in range(timing.warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    for _ in range(timing.repeats):
         for name, fn in fns.items():
             _sync(device)
             start = time.perf_counter()
-            fn()
+            for _ in range(timing.calls):
+                fn()
             _sync(device)
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append((time.perf_counter() - start) / timing.calls)
     return samples
 
 
@@ -209,11 +228,11 @@ def random_potential(batch: int, n: int, device: torch.device, seed: int = 0) ->
 
 
 # ---------------------------------------------------------------- sections
-def bench_step(device: torch.device, repeats: int, warmup: int, threads: int) -> dict[str, Any]:
+def bench_step(device: torch.device, timing: Timing, threads: int) -> dict[str, Any]:
     """Step time of the three configurations (interleaved) and their peak RSS (subprocesses)."""
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = reference_trainer(Path(run_dir), device)
-        samples = time_interleaved(step_functions(device, trainer), device, repeats, warmup)
+        samples = time_interleaved(step_functions(device, trainer), device, timing)
     tokens = BATCH * ModelConfig().n_seq
     result: dict[str, Any] = {name: _summary(s, tokens) for name, s in samples.items()}
     for name in ("physics_off", "physics_on"):
@@ -270,7 +289,7 @@ def memory_child(name: str, device: torch.device, steps: int = 4) -> dict[str, f
     return memory
 
 
-def bench_eval(device: torch.device, repeats: int, warmup: int) -> dict[str, Any]:
+def bench_eval(device: torch.device, timing: Timing) -> dict[str, Any]:
     """Validation throughput: model.eval(), no_grad, the loss of one batch."""
     config = ModelConfig()
     model = ResNetBK(config, VOCAB).to(device).eval()
@@ -281,13 +300,13 @@ def bench_eval(device: torch.device, repeats: int, warmup: int) -> dict[str, Any
     def evaluate() -> torch.Tensor:
         return model(x, y).loss
 
-    samples = time_interleaved({"eval": evaluate}, device, repeats, warmup)["eval"]
+    samples = time_interleaved({"eval": evaluate}, device, timing)["eval"]
     result = _summary(samples, BATCH * config.n_seq)
     result["epoch_s_estimate"] = EVAL_STEPS * result["median_s"]
     return result
 
 
-def bench_bk(device: torch.device, repeats: int, warmup: int) -> dict[str, Any]:
+def bench_bk(device: torch.device, timing: Timing) -> dict[str, Any]:
     """BK core forward + backward at B=32, N=128 against the per-position loop."""
     n = ModelConfig().n_seq
     diag = random_potential(BATCH, n, device)
@@ -298,7 +317,7 @@ def bench_bk(device: torch.device, repeats: int, warmup: int) -> dict[str, Any]:
         fast = partial(bk_pass, resolvent_diagonal, diag, weight, causal)
         loop = partial(bk_pass, loop_resolvent_diagonal, diag, weight, causal)
         (g_fast, grad_fast), (g_loop, grad_loop) = fast(), loop()
-        samples = time_interleaved({"fast": fast, "loop": loop}, device, repeats, warmup)
+        samples = time_interleaved({"fast": fast, "loop": loop}, device, timing)
         result[form] = {
             "fast": _summary(samples["fast"]), "loop": _summary(samples["loop"]),
             "speedup": paired_ratio(samples["loop"], samples["fast"]),
@@ -308,7 +327,7 @@ def bench_bk(device: torch.device, repeats: int, warmup: int) -> dict[str, Any]:
     return result
 
 
-def bench_scaling(device: torch.device, repeats: int, warmup: int) -> dict[str, Any]:
+def bench_scaling(device: torch.device, timing: Timing) -> dict[str, Any]:
     """BK core forward + backward time per position for growing N at fixed B * N."""
     result: dict[str, Any] = {"positions": SCALING_POSITIONS}
     for form in FORMS:
@@ -318,7 +337,7 @@ def bench_scaling(device: torch.device, repeats: int, warmup: int) -> dict[str, 
             weight = torch.randn(batch, n, 2, generator=torch.Generator().manual_seed(3))
             fns[n] = partial(bk_pass, resolvent_diagonal, random_potential(batch, n, device),
                              weight.to(device), form == "causal")
-        samples = time_interleaved(fns, device, repeats, warmup)
+        samples = time_interleaved(fns, device, timing)
         rows = [{"n": n, "batch": SCALING_POSITIONS // n, **_summary(s),
                  "ns_per_position": statistics.median(s) / SCALING_POSITIONS * 1e9}
                 for n, s in samples.items()]
@@ -327,7 +346,7 @@ def bench_scaling(device: torch.device, repeats: int, warmup: int) -> dict[str, 
     return result
 
 
-def bench_moe(device: torch.device, repeats: int, warmup: int) -> dict[str, Any]:
+def bench_moe(device: torch.device, timing: Timing) -> dict[str, Any]:
     """One MoE layer forward + backward at the reference shapes: sparse dispatch vs dense."""
     config = ModelConfig()
     moe = SparseMoE(config.d_model, config.num_experts, config.dropout).to(device)
@@ -344,7 +363,7 @@ def bench_moe(device: torch.device, repeats: int, warmup: int) -> dict[str, Any]
     difference = (run("sparse") - run("dense")).abs().max().item()
     moe.train()
     samples = time_interleaved({d: partial(run, d) for d in ("dense", "sparse")}, device,
-                               repeats, warmup)
+                               timing)
     moe.dispatch = "auto"
     return {"dense": _summary(samples["dense"]), "sparse": _summary(samples["sparse"]),
             "speedup": paired_ratio(samples["dense"], samples["sparse"]),
@@ -461,17 +480,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     plan = QUICK if args.quick else FULL
     results: dict[str, Any] = {"machine": machine_info(device), "quick": args.quick,
-                               "repeats_warmup": {s: plan[s] for s in sections},
+                               "timing": {s: asdict(plan[s]) for s in sections},
                                "load_average_start": os.getloadavg()}
     for section in SECTIONS:
         if section not in sections:
             continue
-        repeats, warmup = plan[section]
-        print(f"[bench] {section}: {repeats} repeats after {warmup} warmup", flush=True)
+        timing = plan[section]
+        print(f"[bench] {section}: {timing.repeats} samples of {timing.calls} call(s) after "
+              f"{timing.warmup} warmup rounds", flush=True)
         if section == "step":
-            results[section] = bench_step(device, repeats, warmup, torch.get_num_threads())
+            results[section] = bench_step(device, timing, torch.get_num_threads())
         else:
-            results[section] = BENCHMARKS[section](device, repeats, warmup)
+            results[section] = BENCHMARKS[section](device, timing)
     results["load_average_end"] = os.getloadavg()
     results["targets"] = check_targets(target_values(results))
 
