@@ -2,7 +2,7 @@
 
     python -m physlm train  --params params/phase3.yaml --set epochs=2 --run-dir runs/x
     python -m physlm report runs/x
-    python -m physlm bench  [--quick] [--only step,eval,bk,scaling,moe]
+    python -m physlm bench  [--quick] [--only step,energy,eval,bk,scaling,moe]
 """
 
 from __future__ import annotations

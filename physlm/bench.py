@@ -1,7 +1,8 @@
 """Benchmarks: training step, validation, BK core and its scaling, MoE dispatch.
 
     python -m physlm bench [--quick] [--out benchmarks/results/cpu.json]
-                           [--only step,eval,bk,scaling,moe] [--device auto] [--threads N]
+                           [--only step,energy,eval,bk,scaling,moe] [--device auto]
+                           [--threads N]
 
 Sections (all on synthetic tokens, at the reference configuration of SPEC section 2):
 
@@ -12,6 +13,7 @@ Sections (all on synthetic tokens, at the reference configuration of SPEC sectio
   medians of the per-round ratios, so load from other processes hits all of them alike.
   Peak resident memory is per process: each configuration runs again alone in a fresh
   subprocess that reports its own peak RSS.
+- energy: the energy term alone (what physics adds to a step), forward and backward.
 - eval: validation throughput (model.eval(), no_grad).
 - bk: BK core forward + backward at B=32, N=128, both forms, against a per-position
   Python loop through the continued fractions (plain autograd, complex tensors).
@@ -55,10 +57,11 @@ from physlm.config import ModelConfig, from_flat
 from physlm.data import PAD, UNK, Corpus, Vocabulary
 from physlm.model import ResNetBK
 from physlm.moe import SparseMoE
+from physlm.physics import energy_terms
 from physlm.run import environment_info
 from physlm.trainer import Trainer, resolve_device
 
-SECTIONS = ("step", "eval", "bk", "scaling", "moe")
+SECTIONS = ("step", "energy", "eval", "bk", "scaling", "moe")
 STEP_CONFIGS = ("naive_floor", "physics_off", "physics_on")
 FORMS = ("causal", "bidirectional")
 
@@ -76,10 +79,10 @@ class Timing:
     calls: int
 
 
-FULL = {"step": Timing(31, 3, 1), "eval": Timing(20, 3, 1), "bk": Timing(30, 5, 20),
-        "scaling": Timing(10, 2, 3), "moe": Timing(30, 5, 5)}
-QUICK = {"step": Timing(3, 1, 1), "eval": Timing(3, 1, 1), "bk": Timing(5, 2, 5),
-         "scaling": Timing(3, 1, 1), "moe": Timing(5, 2, 2)}
+FULL = {"step": Timing(31, 3, 1), "energy": Timing(30, 3, 5), "eval": Timing(20, 3, 1),
+        "bk": Timing(30, 5, 20), "scaling": Timing(10, 2, 3), "moe": Timing(30, 5, 5)}
+QUICK = {"step": Timing(3, 1, 1), "energy": Timing(5, 1, 2), "eval": Timing(3, 1, 1),
+         "bk": Timing(5, 2, 5), "scaling": Timing(3, 1, 1), "moe": Timing(5, 2, 2)}
 EPOCH_STEPS, EVAL_STEPS = 498, 52   # train and validation batches on WikiText-2 (SPEC section 1)
 VOCAB, BATCH = 30_000, 32
 SCALING_POSITIONS = 65_536  # B * N for the scaling sweep
@@ -103,19 +106,23 @@ def _sync(device: torch.device) -> None:
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device,
                      timing: Timing) -> dict[str, list[float]]:
-    """Seconds per call of each function, sampled round-robin (see Timing)."""
+    """Seconds per call of each function, sampled round-robin (see Timing), the order
+    reversed every round: what runs just before a call (the naive floor's 1.8 GB of logits,
+    say) changes its time, and a fixed order would charge that to one function only."""
     for _ in range(timing.warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns.items())
     for _ in range(timing.repeats):
-        for name, fn in fns.items():
+        for name, fn in order:
             _sync(device)
             start = time.perf_counter()
             for _ in range(timing.calls):
                 fn()
             _sync(device)
             samples[name].append((time.perf_counter() - start) / timing.calls)
+        order.reverse()  # so that no function always runs right after the same neighbour
     return samples
 
 
@@ -241,6 +248,11 @@ def bench_step(device: torch.device, timing: Timing, threads: int) -> dict[str, 
     result["physics_off_over_naive"] = paired_ratio(samples["physics_off"],
                                                     samples["naive_floor"])
     result["physics_overhead"] = paired_ratio(samples["physics_on"], samples["physics_off"]) - 1
+    # The spread of the per-round ratios: on a shared CPU it is several times the target.
+    quartiles = statistics.quantiles([a / b - 1 for a, b in zip(samples["physics_on"],
+                                                               samples["physics_off"],
+                                                               strict=True)], n=4)
+    result["physics_overhead_quartiles"] = [quartiles[0], quartiles[2]]
     memory = {name: measure_memory(name, device, threads) for name in STEP_CONFIGS}
     result["memory"] = memory
     result["rss_over_naive"] = (memory["physics_on"]["peak_rss_mib"]
@@ -287,6 +299,28 @@ def memory_child(name: str, device: torch.device, steps: int = 4) -> dict[str, f
     if device.type == "cuda":
         memory["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return memory
+
+
+def bench_energy(device: torch.device, timing: Timing) -> dict[str, Any]:
+    """The energy term alone, the part of a step that physics adds: the reference definition
+    on two batches' token embeddings, forward and backward through the heads of all layers.
+    A component time, far less noisy than the difference of two whole-step medians."""
+    config = ModelConfig()
+    heads = ResNetBK(config, VOCAB).to(device).energy_heads
+    generator = torch.Generator().manual_seed(5)
+    current, previous = (torch.randn(BATCH, config.n_seq, config.d_model, generator=generator)
+                         .to(device) for _ in range(2))
+    current.requires_grad_()
+    lambdas = torch.full((config.n_layers,), 0.05, device=device)
+    parameters = [current] + [p for h in heads for p in h.parameters()]
+
+    def energy_step() -> None:
+        terms = energy_terms(heads, "embedding_pairs", embeddings=current,
+                             previous_embeddings=previous)
+        torch.autograd.grad((lambdas * terms.mse).mean(), parameters)
+
+    samples = time_interleaved({"energy": energy_step}, device, timing)["energy"]
+    return _summary(samples)
 
 
 def bench_eval(device: torch.device, timing: Timing) -> dict[str, Any]:
@@ -371,7 +405,8 @@ def bench_moe(device: torch.device, timing: Timing) -> dict[str, Any]:
 
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
-    "eval": bench_eval, "bk": bench_bk, "scaling": bench_scaling, "moe": bench_moe,
+    "energy": bench_energy, "eval": bench_eval, "bk": bench_bk, "scaling": bench_scaling,
+    "moe": bench_moe,
 }
 
 
@@ -428,6 +463,15 @@ def format_results(results: dict[str, Any]) -> list[str]:
                          f" {step['memory'][name]['peak_rss_mib']:7.0f} MiB")
         lines.append(f"  epoch estimate ({EPOCH_STEPS} steps, physics on): "
                      f"{step['physics_on']['epoch_s_estimate']:.1f} s")
+        low, high = step["physics_overhead_quartiles"]
+        lines.append(f"  physics overhead {step['physics_overhead']:+.2%} (median of per-round "
+                     f"ratios; quartiles {low:+.2%}, {high:+.2%})")
+    if "energy" in results:
+        line = f"energy term alone, fwd+bwd (B=32, N=128)      {_ms(results['energy'])}"
+        if "step" in results:
+            share = results["energy"]["median_s"] / results["step"]["physics_off"]["median_s"]
+            line += f"  = {share:.2%} of the physics-off step"
+        lines.append(line)
     if "eval" in results:
         lines.append(f"validation (no_grad)                          {_ms(results['eval'])}"
                      f" {results['eval']['tokens_per_s']:10.0f}")
