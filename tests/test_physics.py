@@ -52,6 +52,23 @@ def test_embedding_pairs_matches_the_reference_formula(heads):
             h.kinetic(current - previous).sum((1, 2)).mean().item(), rel=1e-5)
 
 
+def test_energy_gradients_match_the_per_position_formula(heads):
+    """The heads are evaluated for all layers at once, summed before their output layer and
+    with tanh as a sigmoid: the gradients must still be those of the formula as written."""
+    heads = [h.double() for h in heads]
+    previous = torch.randn(4, 5, 8, dtype=torch.float64)
+    current = torch.randn(4, 5, 8, dtype=torch.float64, requires_grad=True)
+    inputs = [current] + [p for h in heads for p in h.parameters()]
+    terms = energy_terms(heads, "embedding_pairs", embeddings=current,
+                         previous_embeddings=previous)
+    got = torch.autograd.grad(terms.mse.sum(), inputs)
+    reference = sum((h.potential(current) + h.kinetic(current - previous)
+                      - h.potential(previous)).sum((1, 2)).square().mean() for h in heads)
+    expected = torch.autograd.grad(reference, inputs)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
 def test_embedding_pairs_skips_first_step_and_batch_size_changes(heads):
     current = torch.randn(4, 5, 8)
     assert energy_terms(heads, "embedding_pairs", embeddings=current,
