@@ -61,12 +61,17 @@ def summed_energy(mlps: Sequence[nn.Sequential], x: torch.Tensor) -> torch.Tenso
     (B, L, D) sums, not on every position. tanh(u) is computed as 2 sigmoid(2u) - 1, the same
     function: on the CPU torch.tanh measured 2.8x slower than torch.sigmoid (forward and
     backward of 1M floats, 4.1 against 1.5 ms), and the rescaling folds into the small weights.
+
+    Computed in the weights' precision even under autocast: drift and MSE are differences of
+    sums over positions (and 2 sigmoid - 1 cancels), which bfloat16's 8 bits would swamp.
     """
     hidden = [mlp[0] for mlp in mlps]
     output = [mlp[-1] for mlp in mlps]
     w1 = torch.cat([layer.weight for layer in hidden])                       # (L*D, D)
     b1 = torch.cat([layer.bias for layer in hidden])
-    sigmoid_sums = torch.sigmoid(F.linear(x, 2 * w1, 2 * b1)).sum(dim=-2)   # (B, L*D)
+    with torch.autocast(x.device.type, enabled=False):
+        pre = F.linear(x.to(w1.dtype), 2 * w1, 2 * b1)
+    sigmoid_sums = torch.sigmoid(pre).sum(dim=-2)                            # (B, L*D)
     sums = 2 * sigmoid_sums - x.shape[-2]                   # sum_pos tanh(W1 x_pos + b1)
     w2 = torch.cat([layer.weight for layer in output])                       # (L, D)
     b2 = torch.cat([layer.bias for layer in output])                         # (L,)

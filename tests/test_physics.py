@@ -69,6 +69,19 @@ def test_energy_gradients_match_the_per_position_formula(heads):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
+def test_energy_terms_stay_in_float32_under_bf16_autocast(heads):
+    previous, current = torch.randn(4, 5, 8), torch.randn(4, 5, 8)
+    exact = energy_terms(heads, "embedding_pairs", embeddings=current,
+                         previous_embeddings=previous)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = energy_terms(heads, "embedding_pairs", embeddings=current,
+                             previous_embeddings=previous)
+    for name in ("mse", "drift", "kinetic", "potential"):
+        got, expected = getattr(mixed, name), getattr(exact, name)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_embedding_pairs_skips_first_step_and_batch_size_changes(heads):
     current = torch.randn(4, 5, 8)
     assert energy_terms(heads, "embedding_pairs", embeddings=current,
