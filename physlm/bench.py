@@ -23,9 +23,9 @@ Sections (all on synthetic tokens, at the reference configuration of SPEC sectio
 Times are medians of samples after warmup rounds, a sample being the mean of a run of
 consecutive calls (see Timing; time.perf_counter, with torch.cuda.synchronize around each
 timed run on CUDA). Only ratios measured in the same run are comparable: the machine may
-be shared. On a shared CPU, set
-OMP_WAIT_POLICY=PASSIVE: spinning OpenMP workers otherwise lose their core to other
-processes at every parallel region, and small operations take milliseconds.
+be shared. On a shared CPU, set OMP_WAIT_POLICY=PASSIVE: spinning OpenMP workers otherwise
+lose their core to other processes at every parallel region, and small operations take
+milliseconds.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from physlm.config import ModelConfig, from_flat
 from physlm.data import PAD, UNK, Corpus, Vocabulary
 from physlm.model import ResNetBK
 from physlm.moe import SparseMoE
-from physlm.physics import energy_terms
+from physlm.physics import EnergyHeads, energy_terms
 from physlm.run import environment_info
 from physlm.trainer import Trainer, resolve_device
 
@@ -306,7 +306,7 @@ def bench_energy(device: torch.device, timing: Timing) -> dict[str, Any]:
     on two batches' token embeddings, forward and backward through the heads of all layers.
     A component time, far less noisy than the difference of two whole-step medians."""
     config = ModelConfig()
-    heads = ResNetBK(config, VOCAB).to(device).energy_heads
+    heads = [EnergyHeads(config.d_model).to(device) for _ in range(config.n_layers)]
     generator = torch.Generator().manual_seed(5)
     current, previous = (torch.randn(BATCH, config.n_seq, config.d_model, generator=generator)
                          .to(device) for _ in range(2))

@@ -42,8 +42,8 @@ from torch.autograd.function import once_differentiable
 # 12-16 measured fastest, about twice as fast as one loop over all 128 sites.
 CHUNK = 16
 # Linear scans (the backward): sites per block of the doubling scan, log2(BLOCK) = 7 steps
-# of 2-3 operations each, against 2 x 7 sequential steps plus the chunk bookkeeping of a
-# chunked scan; longer sequences add one carry between blocks, so the work per site stays
+# of 2-3 operations each, against 16 + 8 sequential steps plus the bookkeeping of a chunked
+# scan; longer sequences add one carry between blocks, so the work per site stays
 # O(log BLOCK) at every N.
 BLOCK = 128
 
