@@ -1,0 +1,108 @@
+"""What a benchmark run reports: the machine, the targets met or missed, the table."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from workloads import EPOCH_STEPS, FORMS, SCALING_POSITIONS, STEP_CONFIGS
+
+TARGETS = {  # name: (value key, bound, "max" or "min")
+    "step / naive floor": ("step_over_naive", 0.6, "max"),
+    "peak RSS / naive floor": ("rss_over_naive", 0.5, "max"),
+    "physics overhead": ("physics_overhead", 0.03, "max"),
+    "BK speed-up vs loop (causal)": ("bk_speedup_causal", 10.0, "min"),
+    "BK speed-up vs loop (bidirectional)": ("bk_speedup_bidirectional", 10.0, "min"),
+    "BK time/position max/min over N (causal)": ("bk_scaling_causal", 1.5, "max"),
+    "BK time/position max/min over N (bidirectional)": ("bk_scaling_bidirectional", 1.5, "max"),
+}
+
+
+def machine_info(environment: dict[str, Any]) -> dict[str, Any]:
+    """A run's environment plus the CPU model and the OpenMP settings that matter on a shared
+    CPU."""
+    info = dict(environment)
+    info.update({name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")})
+    info["cpu_model"] = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    return info
+
+
+def target_values(results: dict[str, Any]) -> dict[str, float]:
+    """The quantities the targets bound, from whichever sections ran."""
+    values: dict[str, float] = {}
+    if "step" in results:
+        values.update({key: results["step"][key] for key in
+                       ("step_over_naive", "rss_over_naive", "physics_overhead")})
+    for form in FORMS:
+        if "bk" in results:
+            values[f"bk_speedup_{form}"] = results["bk"][form]["speedup"]
+        if "scaling" in results:
+            values[f"bk_scaling_{form}"] = results["scaling"][form]["spread"]
+    return values
+
+
+def check_targets(values: dict[str, float]) -> dict[str, dict[str, Any]]:
+    checks = {}
+    for label, (key, bound, kind) in TARGETS.items():
+        if key in values:
+            met = values[key] <= bound if kind == "max" else values[key] >= bound
+            checks[label] = {"value": values[key], "target": f"{'<=' if kind == 'max' else '>='}"
+                             f" {bound}", "met": met}
+    return checks
+
+
+def _ms(summary: dict[str, Any]) -> str:
+    return f"{summary['median_s'] * 1e3:10.2f} ms"
+
+
+def format_results(results: dict[str, Any]) -> list[str]:
+    """The human-readable table of a run."""
+    lines = []
+    if "step" in results:
+        step = results["step"]
+        lines.append("training step (B=32, N=128, vocab 30,000)   median      tokens/s   peak RSS")
+        for name in STEP_CONFIGS:
+            lines.append(f"  {name:42s}{_ms(step[name])} {step[name]['tokens_per_s']:10.0f}"
+                         f" {step['memory'][name]['peak_rss_mib']:7.0f} MiB")
+        lines.append(f"  epoch estimate ({EPOCH_STEPS} steps, physics on): "
+                     f"{step['physics_on']['epoch_s_estimate']:.1f} s")
+        low, high = step["physics_overhead_quartiles"]
+        lines.append(f"  physics overhead {step['physics_overhead']:+.2%} (median of per-round "
+                     f"ratios; quartiles {low:+.2%}, {high:+.2%})")
+    if "energy" in results:
+        line = f"energy term alone, fwd+bwd (B=32, N=128)      {_ms(results['energy'])}"
+        if "step" in results:
+            share = results["energy"]["median_s"] / results["step"]["physics_off"]["median_s"]
+            line += f"  = {share:.2%} of the physics-off step"
+        lines.append(line)
+    if "eval" in results:
+        lines.append(f"validation (no_grad)                          {_ms(results['eval'])}"
+                     f" {results['eval']['tokens_per_s']:10.0f}")
+    if "bk" in results:
+        lines.append("BK core fwd+bwd, B=32, N=128                  fast        loop   speed-up")
+        for form in FORMS:
+            row = results["bk"][form]
+            lines.append(f"  {form:42s}{_ms(row['fast'])} {_ms(row['loop'])} "
+                         f"{row['speedup']:6.1f}x  (max |diff| {row['max_abs_diff']:.1e})")
+    if "scaling" in results:
+        lines.append(f"BK core scaling, B*N = {SCALING_POSITIONS:,}: ns per position")
+        for form in FORMS:
+            rows = results["scaling"][form]["rows"]
+            cells = "  ".join(f"N={row['n']}: {row['ns_per_position']:.1f}" for row in rows)
+            lines.append(f"  {form:14s}{cells}  (max/min {results['scaling'][form]['spread']:.2f})")
+    if "moe" in results:
+        moe = results["moe"]
+        lines.append(f"MoE layer fwd+bwd, T=4096: dense {_ms(moe['dense'])}, sparse "
+                     f"{_ms(moe['sparse'])}, speed-up {moe['speedup']:.2f}x")
+    for label, check in results.get("targets", {}).items():
+        lines.append(f"target {label}: {check['value']:.4g} ({check['target']}) "
+                     f"{'met' if check['met'] else 'MISSED'}")
+    return lines
