@@ -154,14 +154,20 @@ def _read_text(path: Path) -> tuple[str, str]:
     return text, hashlib.sha256(raw).hexdigest()
 
 
+def corpus_lines_from_dataset(dataset_dict) -> dict[str, list[str]]:
+    """Split -> rows of a `datasets.DatasetDict` of wikitext-2-raw-v1: its "train" and
+    "validation" splits' "text" column (one row per line of the raw file, ending in "\\n";
+    blank lines are "")."""
+    return {"train": list(dataset_dict["train"]["text"]),
+            "valid": list(dataset_dict["validation"]["text"])}
+
+
 def _load_hub() -> dict[str, list[str]]:
-    """Split -> rows of the hub's wikitext-2-raw-v1 (one row per line, blank rows "")."""
+    """Split -> rows of the hub's wikitext-2-raw-v1 (`corpus_lines_from_dataset`)."""
     try:
         import datasets
 
-        dataset = datasets.load_dataset("wikitext", HUB_NAME)
-        return {"train": list(dataset["train"]["text"]),
-                "valid": list(dataset["validation"]["text"])}
+        return corpus_lines_from_dataset(datasets.load_dataset("wikitext", HUB_NAME))
     except Exception as error:  # not installed, offline, or the hub failed: all alike here
         raise DataError(f"cannot load {HUB_NAME} from the HuggingFace hub "
                         f"({type(error).__name__}: {error}). {_OFFLINE_HELP}") from error
