@@ -12,7 +12,8 @@ import re
 import sys
 from pathlib import Path
 
-from physlm.config import ConfigError, load_config, parse_assignment
+from physlm.config import load_config
+from physlm.values import ConfigError, parse_assignment
 
 
 def _config(args: argparse.Namespace):
@@ -21,10 +22,11 @@ def _config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> None:
+    from physlm.runs import default_run_dir
     from physlm.trainer import train
 
     config = _config(args)
-    run_dir = args.run_dir or Path("runs") / (Path(args.params).stem if args.params else "default")
+    run_dir = args.run_dir or default_run_dir(config)
     records = train(config, run_dir, until_epoch=args.until_epoch)
     print(f"{len(records)} epochs in {run_dir}")
 
@@ -38,10 +40,19 @@ def _report(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # the benchmark harness has its own options
-        from physlm.bench import main as bench_main
+    if argv[:1] == ["bench"]:  # the checkout's benchmarks/bench.py, with its own options
+        import importlib.util
 
-        return bench_main(argv[1:])
+        import physlm
+
+        script = Path(physlm.__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+        if not script.is_file():
+            print(f"physlm: bench needs a source checkout: no {script}", file=sys.stderr)
+            return 2
+        spec = importlib.util.spec_from_file_location("bench", script)
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        return bench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="physlm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -50,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--params", help="YAML parameter file (flat keys)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one parameter (repeatable)")
-    train.add_argument("--run-dir", type=Path, help="run directory (default runs/<params name>)")
+    train.add_argument("--run-dir", type=Path, help="default runs/<name>")
     train.add_argument("--until-epoch", type=int, help="stop before this epoch index")
     train.set_defaults(handler=_train)
 
@@ -83,11 +94,13 @@ def _known_error(error: Exception) -> tuple[str, int] | None:
         return "configuration error", 2
     from physlm.checkpoint import CheckpointError  # imported here: they import torch
     from physlm.data import DataError
+    from physlm.runs import RunConflictError
     from physlm.trainer import TrainingError
 
     for kind, label, code in ((DataError, "data error", 2),
                               (CheckpointError, "checkpoint error", 1),
                               (TrainingError, "cannot train", 1),
+                              (RunConflictError, "cannot train", 1),
                               (PermissionError, "permission denied", 1)):
         if isinstance(error, kind):
             return label, code

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from physlm.run import atomic_write_bytes
+from physlm.files import atomic_write_bytes
 
 FORMAT = "physlm-checkpoint-1"
 

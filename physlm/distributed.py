@@ -54,6 +54,16 @@ def sum_across(tensors: list[torch.Tensor], world: int) -> list[torch.Tensor]:
             zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
 
+def global_mean(stats: dict[str, torch.Tensor], share: float,
+                world: int) -> dict[str, torch.Tensor]:
+    """Batch-weighted means over processes of per-process statistics (`share`: this
+    process's fraction of the global batch)."""
+    if world == 1:
+        return stats
+    totals = sum_across([t.float() * share for t in stats.values()], world)
+    return dict(zip(stats, totals, strict=True))
+
+
 def average_gradients(parameters: list[torch.nn.Parameter], world: int) -> None:
     """Average .grad over processes.
 

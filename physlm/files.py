@@ -1,68 +1,18 @@
-"""The run directory: everything needed to continue a run or regenerate its report.
+"""Files that survive a crash: atomic replacement and append-only JSON lines.
 
-    RUN_DIR/
-      config.yaml          the resolved configuration (flat keys)
-      vocab.json           the vocabulary, id order
-      env.json             provenance: versions, device, git commit, data checksums
-      metrics/steps.jsonl  one JSON record per optimizer step
-      metrics/epochs.jsonl one JSON record per finished epoch
-      checkpoints/last.pt  the latest checkpoint (written atomically)
-      notebooks/*.ipynb    executed notebooks of each stage (pipeline runs)
-      control/             the physics-off control run, a run directory itself
-
-Metrics files are append-only JSON lines; a torn last line (a crash mid-write)
-is ignored on reading.
+An atomic write goes through a temporary file, fsync and rename, so a crash
+leaves the old or the new file. JSON-lines files are appended record by record;
+a torn last line (a crash mid-write) is repaired before the next append and
+ignored on reading.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import platform
-import subprocess
-import sys
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-import torch
-
-import physlm
-
-
-class RunDirectory:
-    """Paths inside one run directory."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-
-    @property
-    def name(self) -> str:
-        return self.root.resolve().name
-
-    config = property(lambda self: self.root / "config.yaml")
-    vocab = property(lambda self: self.root / "vocab.json")
-    env = property(lambda self: self.root / "env.json")
-    steps = property(lambda self: self.root / "metrics" / "steps.jsonl")
-    epochs = property(lambda self: self.root / "metrics" / "epochs.jsonl")
-    checkpoint = property(lambda self: self.root / "checkpoints" / "last.pt")
-    notebooks = property(lambda self: self.root / "notebooks")
-    control = property(lambda self: RunDirectory(self.root / "control"))
-
-    def create(self) -> RunDirectory:
-        """Make the directory tree, failing early and clearly when it is not writable."""
-        try:
-            for folder in (self.root, self.steps.parent, self.checkpoint.parent):
-                folder.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as error:
-            raise PermissionError(f"run directory {self.root} is not writable ({error}); "
-                                  "choose another run_dir") from error
-        return self
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -162,38 +112,3 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 break  # torn by a crash mid-write
             raise ValueError(f"{path}:{number} is not valid JSON") from None
     return records
-
-
-def git_commit() -> str | None:
-    """The commit of the physlm checkout, with '+dirty' for uncommitted changes."""
-    root = Path(physlm.__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty.strip() else "")
-
-
-def environment_info(device: torch.device) -> dict[str, Any]:
-    """Provenance of a run: code version, library versions, hardware."""
-    info: dict[str, Any] = {
-        "physlm": physlm.__version__,
-        "git_commit": git_commit(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    for package in ("numpy", "pandas", "matplotlib", "papermill", "datasets"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            info[package] = metadata.version(package)
-    return info

@@ -9,13 +9,14 @@
                G = diag (H - zI)^-1,  H = tridiag(1, -2 + v, 1), z = i   (the BK core)
                out = f + s * Linear(2,D)(clamp([Re G, Im G], -10, 10))
 
-Each block also owns the energy heads H_l = T_l + V_l and the Lagrange
-multiplier lambda_l of the physics penalty (physlm.physics); the forward pass
-does not use them, the trainer's energy term does.
+A pure language model: the physics (energy heads H_l = T_l + V_l and the
+multipliers lambda_l) is a separate module, physlm.physics.EnergyPenalty, that
+reads the model's output (token embeddings, the residual stream).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,6 @@ from physlm.bk_core import resolvent_diagonal
 from physlm.config import ModelConfig
 from physlm.losses import linear_cross_entropy
 from physlm.moe import SparseMoE
-from physlm.physics import EnergyHeads, LagrangeMultiplier
 
 SPECTRAL_SHIFT = 1j  # z in (H - zI)^-1: keeps the resolvent finite for real potentials
 
@@ -54,21 +54,6 @@ class BKLayer(nn.Module):
         return f + self.scale * self.features(features), load
 
 
-class BKBlock(nn.Module):
-    """A residual block, with the physics heads of its layer."""
-
-    def __init__(self, config: ModelConfig, lambda_init: float) -> None:
-        super().__init__()
-        self.layer = BKLayer(config)
-        if config.energy_heads:
-            self.energy = EnergyHeads(config.d_model)
-            self.multiplier = LagrangeMultiplier(lambda_init)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, load = self.layer(h)
-        return h + out, load
-
-
 @dataclass
 class ModelOutput:
     """What one forward pass gives the trainer.
@@ -86,24 +71,20 @@ class ModelOutput:
 
 
 class ResNetBK(nn.Module):
-    def __init__(self, config: ModelConfig, vocab_size: int, lambda_init: float = 0.05) -> None:
+    """`make_layer` builds each residual layer (BKLayer; a caller may build more there,
+    in the same order of random draws as the original's blocks)."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int,
+                 make_layer: Callable[[ModelConfig], nn.Module] = BKLayer) -> None:
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(vocab_size, config.d_model)
         self.position_embedding = nn.Embedding(config.n_seq, config.d_model)
-        self.blocks = nn.ModuleList(BKBlock(config, lambda_init) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(make_layer(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, vocab_size)
         for embedding in (self.token_embedding, self.position_embedding):
-            nn.init.normal_(embedding.weight, std=0.02)
-
-    @property
-    def energy_heads(self) -> list[EnergyHeads]:
-        return [block.energy for block in self.blocks]
-
-    @property
-    def multipliers(self) -> list[LagrangeMultiplier]:
-        return [block.multiplier for block in self.blocks]
+            nn.init.normal_(embedding.weight, std=config.embedding_init_std)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         """x, targets: (B, N) token ids with N <= n_seq."""
@@ -113,8 +94,9 @@ class ResNetBK(nn.Module):
         embeddings = self.token_embedding(x)
         h = embeddings + self.position_embedding.weight[:n]
         hidden_states, loads = [h], []
-        for block in self.blocks:
-            h, load = block(h)
+        for layer in self.blocks:
+            out, load = layer(h)
+            h = h + out
             hidden_states.append(h)
             loads.append(load)
         h = self.final_norm(h)
@@ -127,9 +109,9 @@ class ResNetBK(nn.Module):
                            hidden_states=hidden_states, expert_load=torch.stack(loads))
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
+def count_parameters(*modules: nn.Module | None) -> dict[str, int]:
     """Total parameters, and those the optimizer trains (the multipliers are not)."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable}
+    parameters = [p for module in modules if module is not None for p in module.parameters()]
+    return {"total": sum(p.numel() for p in parameters),
+            "trainable": sum(p.numel() for p in parameters if p.requires_grad)}
 

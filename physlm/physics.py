@@ -19,10 +19,23 @@ Two definitions of the trajectory (`energy_mode`):
   (p_0 = 0). Layer l is compared at its input and its output:
       E_a = H_l(h_{l-1}, p_{l-1}),   E_b = H_l(h_l, p_l).
 
-The multiplier is a dual variable, updated by the controller after each physics
-step and never by the optimizer (flaw 4):
+Both are "absolute" energies (`energy_scale`, the reference). Heads that output a
+constant meet any drift target exactly, so an absolute drift says nothing by itself.
+The "relative" scale divides each gap by the spread of H_l over the batch's states,
 
-    lambda_l <- clip(lambda_l + eta * (mean_l drift_l - d_target), lambda_min, lambda_max)
+    s_l = sqrt((var_batch E_l(a) + var_batch E_l(b)) / 2),   gap_l / s_l,
+
+which shrinking the heads cannot shrink; constant heads make it 0 / 0, and s_l is
+logged with every step so that the report calls such a constraint degenerate, not met.
+
+The multiplier is a dual variable, updated by the controller after each physics
+step and never by the optimizer (flaw 4): with the error e = drift - d_target
+(the layer mean of drift, `lambda_scope: shared`, or each layer's own, `per_layer`)
+
+    I_l      <- clip(I_l + eta * e, lambda_min, lambda_max)      integral (the reference)
+    lambda_l <- clip(I_l + k_p * e, lambda_min, lambda_max)      plus proportional, k_p >= 0
+
+k_p = 0 is the reference rule (lambda_l = I_l); k_p > 0 damps the integral windup.
 """
 
 from __future__ import annotations
@@ -34,6 +47,11 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from physlm.config import Config, ModelConfig, PhysicsConfig
+from physlm.model import BKLayer, ModelOutput, ResNetBK
+
+SPREAD_EPS = 1e-12
 
 
 def _energy_mlp(d_model: int) -> nn.Sequential:
@@ -81,19 +99,22 @@ def summed_energy(mlps: Sequence[nn.Sequential], x: torch.Tensor) -> torch.Tenso
 class LagrangeMultiplier(nn.Module):
     """lambda >= 0 weighting one layer's energy penalty: a dual variable, not a weight.
 
-    Stored as a parameter (so the model's parameter count includes it and it is
-    saved with the model) with requires_grad=False, so no optimizer touches it.
+    Stored as a parameter (so the parameter count includes it and it is saved with
+    the penalty) with requires_grad=False, so no optimizer touches it. The integral
+    state of the PI rule is a buffer beside it.
     """
 
     def __init__(self, initial: float) -> None:
         super().__init__()
         self.value = nn.Parameter(torch.tensor(float(initial)), requires_grad=False)
+        self.register_buffer("integral", torch.tensor(float(initial)))
 
     @torch.no_grad()
-    def update(self, drift: torch.Tensor, target: float, eta: float,
-               low: float, high: float) -> None:
-        """lambda <- clip(lambda + eta * (drift - target), low, high), on the device."""
-        self.value.copy_((self.value + eta * (drift - target)).clamp(low, high))
+    def update(self, error: torch.Tensor, eta: float, low: float, high: float,
+               kp: float = 0.0) -> None:
+        """I <- clip(I + eta * error); lambda <- clip(I + kp * error), on the device."""
+        self.integral.copy_((self.integral + eta * error).clamp(low, high))
+        self.value.copy_((self.integral + kp * error).clamp(low, high))
 
 
 def _per_layer(mlps: Sequence[nn.Sequential], states: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -102,20 +123,37 @@ def _per_layer(mlps: Sequence[nn.Sequential], states: Sequence[torch.Tensor]) ->
                      dim=1)
 
 
+@torch.no_grad()
+def token_spread(mlps: Sequence[nn.Sequential], states: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(L,): the std over all tokens of the l-th MLP's per-token output on the l-th state
+    (output bias aside, it is a constant). A constant head has spread 0."""
+    spreads = []
+    for mlp, x in zip(mlps, states, strict=True):
+        w = mlp[-1].weight
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear(torch.tanh(mlp[0](x.to(w.dtype))), w)                 # (B, N, 1)
+        spreads.append(out.flatten().std(correction=0))
+    return torch.stack(spreads)
+
+
 @dataclass
 class EnergyTerms:
     """Per-layer energy statistics of one step, each a tensor of shape (L,)."""
 
     mse: torch.Tensor
     drift: torch.Tensor
-    kinetic: torch.Tensor
-    potential: torch.Tensor
+    kinetic: torch.Tensor         # batch mean of sum_pos T_l at state b
+    potential: torch.Tensor       # batch mean of sum_pos V_l at state b
+    spread: torch.Tensor          # s_l: std of E_l over the batch, at states a and b
+    kinetic_spread: torch.Tensor  # std over tokens of T_l's per-token output at state b
+    potential_spread: torch.Tensor  # the same for V_l
 
 
-def energy_terms(heads: list[EnergyHeads], mode: str, *,
+def energy_terms(heads: Sequence[EnergyHeads], mode: str, *,
                  embeddings: torch.Tensor | None = None,
                  previous_embeddings: torch.Tensor | None = None,
-                 hidden_states: list[torch.Tensor] | None = None) -> EnergyTerms | None:
+                 hidden_states: Sequence[torch.Tensor] | None = None,
+                 scale: str = "absolute") -> EnergyTerms | None:
     """The energy statistics of one step, or None when the step has no energy term.
 
     "embedding_pairs" needs `embeddings` and `previous_embeddings` of the same
@@ -131,7 +169,9 @@ def energy_terms(heads: list[EnergyHeads], mode: str, *,
         # Every layer's heads read the same states: one product per input for all layers.
         kinetic = summed_energy(kinetic_heads, embeddings - previous_embeddings)   # (B, L)
         potential = summed_energy(potential_heads, embeddings)
-        gap = kinetic + potential - summed_energy(potential_heads, previous_embeddings)
+        energy_a = summed_energy(potential_heads, previous_embeddings)
+        momenta_b = [embeddings - previous_embeddings] * len(heads)
+        states_b = [embeddings] * len(heads)
     elif mode == "depth":
         momenta = [torch.zeros_like(hidden_states[0])]
         momenta += [b - a for a, b in pairwise(hidden_states)]
@@ -140,8 +180,81 @@ def energy_terms(heads: list[EnergyHeads], mode: str, *,
         potential_in = _per_layer(potential_heads, hidden_states)
         kinetic = _per_layer(kinetic_heads, momenta[1:])
         potential = _per_layer(potential_heads, hidden_states[1:])
-        gap = (kinetic + potential) - (kinetic_in + potential_in)
+        energy_a = kinetic_in + potential_in
+        momenta_b, states_b = momenta[1:], hidden_states[1:]
     else:
         raise ValueError(f"unknown energy_mode {mode!r}")
+    energy_b = kinetic + potential
+    gap = energy_b - energy_a                                                    # (B, L)
+    # sqrt(var + eps) keeps the gradient finite where the heads are constant.
+    variance = (energy_a.var(0, correction=0) + energy_b.var(0, correction=0)) / 2
+    spread = (variance + SPREAD_EPS).sqrt()                                      # (L,)
+    if scale == "relative":
+        gap = gap / spread
+    elif scale != "absolute":
+        raise ValueError(f"unknown energy_scale {scale!r}")
     return EnergyTerms(mse=gap.square().mean(0), drift=gap.abs().mean(0),
-                       kinetic=kinetic.mean(0), potential=potential.mean(0))
+                       kinetic=kinetic.mean(0), potential=potential.mean(0), spread=spread,
+                       kinetic_spread=token_spread(kinetic_heads, momenta_b),
+                       potential_spread=token_spread(potential_heads, states_b))
+
+
+class EnergyPenalty(nn.Module):
+    """The physics of a run: the energy heads and multipliers of every layer, the energy
+    terms of a step, the lambda-weighted loss and the multiplier controller."""
+
+    def __init__(self, config: PhysicsConfig, heads: Sequence[EnergyHeads]) -> None:
+        super().__init__()
+        self.config = config
+        self.heads = nn.ModuleList(heads)
+        self.multipliers = nn.ModuleList(LagrangeMultiplier(config.lambda_energy_init)
+                                         for _ in heads)
+
+    @property
+    def lambdas(self) -> torch.Tensor:
+        return torch.stack([m.value for m in self.multipliers])
+
+    def terms(self, out: ModelOutput, previous_embeddings: torch.Tensor | None,
+              attached: bool = True) -> EnergyTerms | None:
+        """This step's energy terms; `attached=False` stops them at the network's states,
+        so that only the heads learn from them (fitting the heads during the warmup)."""
+        def cut(x: torch.Tensor) -> torch.Tensor:
+            return x if attached else x.detach()
+
+        return energy_terms(self.heads, self.config.energy_mode,
+                            embeddings=cut(out.token_embeddings),
+                            previous_embeddings=previous_embeddings,
+                            hidden_states=[cut(h) for h in out.hidden_states],
+                            scale=self.config.energy_scale)
+
+    def loss(self, mse: torch.Tensor) -> torch.Tensor:
+        """mean_l lambda_l * mse_l."""
+        return (self.lambdas * mse).mean()
+
+    def update(self, drift: torch.Tensor, skipped: torch.Tensor) -> None:
+        """One controller step from the per-layer drift (L,); a skipped step moves nothing."""
+        p = self.config
+        error = drift.float() if p.lambda_scope == "per_layer" else drift.float().mean()
+        error = torch.where(skipped, 0.0, error - p.energy_target_drift)
+        for layer, multiplier in enumerate(self.multipliers):
+            multiplier.update(error[layer] if error.dim() else error, p.lambda_lr,
+                              p.lambda_min, p.lambda_max, p.lambda_kp)
+
+
+def build_model(config: Config, vocab_size: int) -> tuple[ResNetBK, EnergyPenalty | None]:
+    """The language model and its energy penalty (None without energy heads), seeded.
+
+    Parameters are drawn in the order of the original's single model, block by block
+    (layer l, then its heads), so the initial weights do not depend on where the heads live.
+    """
+    torch.manual_seed(config.train.seed)
+    heads: list[EnergyHeads] = []
+
+    def layer_then_heads(model_config: ModelConfig) -> BKLayer:
+        layer = BKLayer(model_config)
+        if model_config.energy_heads:
+            heads.append(EnergyHeads(model_config.d_model))
+        return layer
+
+    model = ResNetBK(config.model, vocab_size, layer_then_heads)
+    return model, EnergyPenalty(config.physics, heads) if heads else None

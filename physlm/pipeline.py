@@ -5,7 +5,7 @@
 
     warmup.ipynb     train(config, run_dir, until_epoch=physics_start_epoch)  (physics off)
     physics.ipynb    train(config, run_dir): the remaining epochs, physics penalty on
-    control          the same two stages with physics: false, in <run_dir>/control
+    control          the same two stages with energy_penalty: false, in <run_dir>/control
     analysis.ipynb   tables, plots and the markdown report (physlm.report)
 
 The executed copy of every stage is kept in <run_dir>/notebooks/<stage>.ipynb (the
@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from physlm.checkpoint import CheckpointError, load_checkpoint
-from physlm.config import KEYS, Config, ConfigError, coerce, from_flat, load_config, suggest
-from physlm.run import RunDirectory
-from physlm.trainer import settings_changed
+from physlm.config import ALIASES, KEYS, Config, from_flat, load_config
+from physlm.runs import RunDirectory, default_run_dir
+from physlm.values import ConfigError, coerce, suggest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -48,7 +47,7 @@ class PipelineOptions:
     """Settings of the pipeline itself; every other parameter is a `Config` key."""
 
     params_file: str | None = None   # YAML parameter file (flat config keys)
-    run_dir: str | None = None       # default runs/<params file stem, or "phase3">
+    run_dir: str | None = None       # default runs/<name> (Config.run_name)
     control_run: bool = True         # also train the physics-off baseline in <run_dir>/control
     report_dir: str = "reports"
 
@@ -90,16 +89,16 @@ def resolve(params: Mapping[str, Any]) -> tuple[Config, Path, PipelineOptions]:
     valid one) or a bad value.
     """
     for key in params:
-        if key not in KEYS and key not in PIPELINE_KEYS:
+        if key not in KEYS and key not in PIPELINE_KEYS and key not in ALIASES:
             raise ConfigError(f"unknown parameter {key!r}{suggest(key, KEYS + PIPELINE_KEYS)}")
     params = {key: value for key, value in params.items() if value is not None}
     options = PipelineOptions(**{
         key: coerce(key, str(value) if isinstance(value, Path) else value, _OPTION_TYPES[key])
         for key, value in params.items() if key in PIPELINE_KEYS})
     config = load_config(options.params_file,
-                         {key: value for key, value in params.items() if key in KEYS})
-    stem = Path(options.params_file).stem if options.params_file else "phase3"
-    run_dir = Path(options.run_dir or Path("runs") / stem).resolve()
+                         {key: value for key, value in params.items()
+                          if key not in PIPELINE_KEYS})
+    run_dir = Path(options.run_dir or default_run_dir(config)).resolve()
     return config, run_dir, options
 
 
@@ -110,15 +109,6 @@ def non_default_settings(config: Config) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ stages
-def completed_epochs(run_dir: str | Path) -> int:
-    """Epochs finished according to the run's checkpoint (0 without a readable one)."""
-    path = RunDirectory(run_dir).checkpoint
-    try:
-        return int(load_checkpoint(path)["epoch"])
-    except (FileNotFoundError, CheckpointError):
-        return 0
-
-
 def stage_done(config: Config, run_dir: str | Path, until_epoch: int) -> bool:
     """Whether the run in `run_dir` is this configuration's run and has `until_epoch` epochs.
 
@@ -128,7 +118,7 @@ def stage_done(config: Config, run_dir: str | Path, until_epoch: int) -> bool:
     run = RunDirectory(run_dir)
     if config.train.overwrite or not config.train.resume or not run.config.exists():
         return False
-    return not settings_changed(config, run) and completed_epochs(run_dir) >= until_epoch
+    return not run.settings_changed(config) and run.completed_epochs() >= until_epoch
 
 
 def run_stage(name: str, notebook: str | Path, run_dir: str | Path,
@@ -170,11 +160,6 @@ def train_run(config: Config, run_dir: str | Path, label: str = "") -> None:
                       {"run_dir": str(run_dir), "config_overrides": stage_config.to_flat()})
 
 
-def control_config(config: Config) -> Config:
-    """The baseline: the same configuration (model, data, seed, budget) with physics off."""
-    return from_flat({**config.to_flat(), "physics": False})
-
-
 def run_pipeline(config: Config, run_dir: str | Path, options: PipelineOptions) -> Path:
     """Warmup, physics, control (if options.control_run) and analysis; return the report."""
     if not NOTEBOOKS.is_dir():
@@ -183,7 +168,7 @@ def run_pipeline(config: Config, run_dir: str | Path, options: PipelineOptions) 
     run_dir = Path(run_dir).resolve()
     train_run(config, run_dir)
     if options.control_run:
-        train_run(control_config(config), RunDirectory(run_dir).control.root, label="control ")
+        train_run(config.control(), RunDirectory(run_dir).control.root, label="control ")
     report_dir = Path(options.report_dir).resolve()
     run_stage("analysis", NOTEBOOKS / "analysis.ipynb", run_dir,
               {"run_dir": str(run_dir), "report_dir": str(report_dir)})

@@ -3,7 +3,18 @@
 import pytest
 import yaml
 
-from physlm.config import KEYS, Config, ConfigError, from_flat, load_config, parse_assignment
+from physlm.config import (
+    CONTROL_MAY_DIFFER,
+    KEYS,
+    RESUMABLE,
+    WARMUP_INVARIANT,
+    Config,
+    ConfigError,
+    from_flat,
+    keys_tagged,
+    load_config,
+)
+from physlm.values import parse_assignment
 
 
 def test_defaults_are_the_reference_configuration():
@@ -57,8 +68,8 @@ def test_bad_values_are_explained(values, message):
 
 def test_physics_start_equal_to_epochs_is_allowed():
     config = from_flat({"epochs": 4, "physics_start_epoch": 4})
-    assert not config.physics_runs
-    assert from_flat({"epochs": 5, "physics_start_epoch": 4}).physics_runs
+    assert not config.trains_with_physics
+    assert from_flat({"epochs": 5, "physics_start_epoch": 4}).trains_with_physics
 
 
 def test_empty_string_means_unset_for_optional_values():
@@ -85,3 +96,83 @@ def test_command_line_assignments():
     assert parse_assignment("physics=false") == ("physics", False)
     with pytest.raises(ConfigError, match="key=value"):
         parse_assignment("epochs")
+
+
+# A config.yaml as physlm wrote it before `physics` was renamed `energy_penalty`.
+OLD_CONFIG_YAML = """\
+d_model: 64
+n_layers: 4
+n_seq: 128
+num_experts: 4
+dropout: 0.1
+bk_mode: causal
+potential_clamp: 3.0
+feature_clamp: 10.0
+energy_heads: true
+dataset: wikitext-2-raw-v1
+data_dir: ../shared/data/wikitext-2-raw
+train_file: null
+valid_file: null
+vocab_size: 30000
+batch_size: 32
+max_train_batches: null
+max_eval_batches: null
+epochs: 6
+lr: 0.001
+weight_decay: 0.01
+grad_clip: 0.5
+seed: 0
+device: auto
+amp: false
+checkpoint_every: 0
+resume: true
+overwrite: false
+max_bad_steps: 10
+progress: true
+physics: false
+physics_start_epoch: 2
+energy_mode: embedding_pairs
+lambda_energy_init: 0.05
+lambda_lr: 0.01
+energy_target_drift: 0.1
+lambda_min: 0.01
+lambda_max: 10.0
+"""
+
+
+def test_a_config_yaml_written_before_the_rename_loads(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(OLD_CONFIG_YAML)
+    config = Config.load(path)
+    assert config.physics.energy_penalty is False and config.train.epochs == 6
+    assert config.data.data_dir == "../shared/data/wikitext-2-raw"
+    config.save(path)  # saved again under the new name, it loads to the same config
+    assert "energy_penalty: false" in path.read_text() and Config.load(path) == config
+
+
+def test_an_old_name_and_its_new_name_together_are_refused():
+    with pytest.raises(ConfigError, match="'physics' is the old name of 'energy_penalty'"):
+        from_flat({"physics": True, "energy_penalty": False})
+
+
+def test_setting_rules_are_declared_on_the_fields():
+    """The three rules that used to be lists in three modules, now tags on the fields."""
+    assert keys_tagged(RESUMABLE) == {"epochs", "device", "amp", "progress", "checkpoint_every",
+                                      "resume", "overwrite", "max_bad_steps", "max_eval_batches"}
+    assert keys_tagged(CONTROL_MAY_DIFFER) == {
+        "energy_penalty", "physics_start_epoch", "energy_mode", "lambda_energy_init",
+        "lambda_lr", "energy_target_drift", "lambda_min", "lambda_max", "device", "progress",
+        "resume", "overwrite", "checkpoint_every", "max_bad_steps", "data_dir", "train_file",
+        "valid_file"}
+    # Nothing that shapes the model, the data or the optimisation leaves the warmup alone.
+    assert not keys_tagged(WARMUP_INVARIANT) & {"d_model", "seed", "lr", "batch_size",
+                                                "physics_start_epoch", "max_train_batches"}
+
+
+def test_control_and_differences():
+    config = from_flat({"epochs": 5, "lr": 2e-3})
+    control = config.control()
+    assert not control.trains_with_physics and config.trains_with_physics
+    assert config.differences(control, allowed=CONTROL_MAY_DIFFER) == {}
+    assert config.differences(control, allowed=RESUMABLE) == {"energy_penalty": (True, False)}
+    assert [config.phase(e) for e in range(5)] == ["warmup"] * 4 + ["physics"]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from physlm.config import from_flat
-from physlm.run import read_jsonl
+from physlm.files import read_jsonl
 from physlm.trainer import train
 
 from .conftest import TINY

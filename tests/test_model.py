@@ -5,32 +5,43 @@ import torch
 import torch.nn.functional as F
 
 import physlm.losses
-from physlm.config import ModelConfig
+from physlm.config import Config, ModelConfig, from_flat
 from physlm.losses import linear_cross_entropy
 from physlm.model import ResNetBK, count_parameters
 from physlm.moe import SparseMoE
+from physlm.physics import build_model
 
 
 def test_reference_parameter_counts():
-    model = ResNetBK(ModelConfig(), vocab_size=30_000)
-    assert count_parameters(model) == {"total": 4_179_924, "trainable": 4_179_920}
-    plain = ResNetBK(ModelConfig(energy_heads=False), vocab_size=30_000)
-    assert count_parameters(plain) == {"total": 4_146_120, "trainable": 4_146_120}
+    """SPEC section 2: the language model plus its energy penalty, 4,179,924 in all."""
+    model, penalty = build_model(Config(), 30_000)
+    assert count_parameters(model) == {"total": 4_146_120, "trainable": 4_146_120}
+    assert count_parameters(model, penalty) == {"total": 4_179_924, "trainable": 4_179_920}
+    plain, none = build_model(from_flat({"energy_heads": False, "energy_penalty": False}), 30_000)
+    assert none is None and count_parameters(plain) == {"total": 4_146_120,
+                                                        "trainable": 4_146_120}
 
 
 def test_block_parameter_breakdown():
-    block = ResNetBK(ModelConfig(), vocab_size=30_000).blocks[0]
+    model, penalty = build_model(Config(), 30_000)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    assert count(block) == 75_401
-    assert count(block.layer.moe) == 66_564
-    assert count(block.energy.kinetic) == count(block.energy.potential) == 4_225
+    block_with_physics = count(model.blocks[0]) + count(penalty.heads[0])
+    assert block_with_physics + count(penalty.multipliers[0]) == 75_401
+    assert count(model.blocks[0].moe) == 66_564
+    assert count(penalty.heads[0].kinetic) == count(penalty.heads[0].potential) == 4_225
+
+
+def test_embedding_init_std_sets_the_scale():
+    for std in (1.0, 0.02):
+        model, _ = build_model(from_flat({"embedding_init_std": std}), 30_000)
+        assert model.token_embedding.weight.std().item() == pytest.approx(std, rel=0.01)
 
 
 def _tiny(bk_mode="causal", **overrides):
     torch.manual_seed(0)
     config = ModelConfig(d_model=16, n_layers=2, n_seq=12, bk_mode=bk_mode, dropout=0.0,
                          **overrides)
-    return ResNetBK(config, vocab_size=50).eval()
+    return ResNetBK(config, 50).eval()
 
 
 def test_causal_model_never_sees_the_future():

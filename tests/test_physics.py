@@ -5,7 +5,8 @@ from itertools import pairwise
 import pytest
 import torch
 
-from physlm.physics import EnergyHeads, LagrangeMultiplier, energy_terms
+from physlm.config import from_flat
+from physlm.physics import EnergyHeads, EnergyPenalty, LagrangeMultiplier, energy_terms
 
 
 @pytest.fixture
@@ -14,22 +15,59 @@ def heads():
     return [EnergyHeads(8) for _ in range(3)]
 
 
-def test_controller_follows_the_rule_step_by_step():
-    multiplier = LagrangeMultiplier(0.05)
-    target, eta = 0.1, 0.01
+def _penalty(layers: int = 3, **settings) -> EnergyPenalty:
+    torch.manual_seed(0)
+    config = from_flat(settings).physics
+    return EnergyPenalty(config, [EnergyHeads(8) for _ in range(layers)])
+
+
+DRIFTS = [[0.5, 0.1, 0.9], [0.3, 0.3, 0.3], [0.0, 0.0, 0.0], [0.0, 0.2, 0.0],
+          [2.0, 0.1, 5.0], [0.1, 0.1, 0.1]]
+
+
+def test_reference_controller_follows_the_rule_step_by_step():
+    """lambda <- clip(lambda + eta * (mean_l drift_l - target), 0.01, 10), all layers alike."""
+    penalty = _penalty()
     expected = 0.05
-    for drift in [0.5, 0.3, 0.0, 0.0, 2.0, 0.1]:
-        multiplier.update(torch.tensor(drift), target, eta, 0.01, 10.0)
-        expected = min(max(expected + eta * (drift - target), 0.01), 10.0)
-        assert multiplier.value.item() == pytest.approx(expected, abs=1e-7)
+    for drifts in DRIFTS:
+        penalty.update(torch.tensor(drifts), skipped=torch.tensor(False))
+        expected = min(max(expected + 0.01 * (sum(drifts) / 3 - 0.1), 0.01), 10.0)
+        torch.testing.assert_close(penalty.lambdas, torch.full((3,), expected), atol=1e-7, rtol=0)
+
+
+def test_pi_controller_per_layer_follows_its_rule_step_by_step():
+    """Each layer's own error e_l; I_l <- clip(I_l + eta e_l); lambda_l <- clip(I_l + kp e_l)."""
+    eta, kp, target = 0.05, 0.2, 0.1
+    penalty = _penalty(lambda_scope="per_layer", lambda_kp=kp, lambda_lr=eta, lambda_min=0.0,
+                       energy_target_drift=target)
+    integral = [0.05] * 3
+    for drifts in DRIFTS:
+        penalty.update(torch.tensor(drifts), skipped=torch.tensor(False))
+        errors = [d - target for d in drifts]
+        integral = [min(max(i + eta * e, 0.0), 10.0) for i, e in zip(integral, errors, strict=True)]
+        expected = [min(max(i + kp * e, 0.0), 10.0) for i, e in zip(integral, errors, strict=True)]
+        torch.testing.assert_close(penalty.lambdas, torch.tensor(expected), atol=1e-6, rtol=0)
+    assert len(set(penalty.lambdas.tolist())) == 3       # the layers' multipliers differ
+
+
+def test_lambda_min_zero_lets_the_multiplier_switch_off():
+    penalty = _penalty(lambda_min=0.0, lambda_lr=1.0)
+    penalty.update(torch.zeros(3), skipped=torch.tensor(False))
+    assert penalty.lambdas.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_a_skipped_step_moves_no_multiplier():
+    penalty = _penalty(lambda_kp=0.5)
+    penalty.update(torch.full((3,), 100.0), skipped=torch.tensor(True))
+    torch.testing.assert_close(penalty.lambdas, torch.full((3,), 0.05))
 
 
 def test_controller_clips_at_both_ends():
-    multiplier = LagrangeMultiplier(0.05)
-    multiplier.update(torch.tensor(-100.0), 0.1, 0.01, 0.01, 10.0)
-    assert multiplier.value.item() == pytest.approx(0.01)
-    multiplier.update(torch.tensor(1e6), 0.1, 0.01, 0.01, 10.0)
-    assert multiplier.value.item() == pytest.approx(10.0)
+    penalty = _penalty()
+    penalty.update(torch.full((3,), -100.0), skipped=torch.tensor(False))
+    torch.testing.assert_close(penalty.lambdas, torch.full((3,), 0.01))
+    penalty.update(torch.full((3,), 1e6), skipped=torch.tensor(False))
+    torch.testing.assert_close(penalty.lambdas, torch.full((3,), 10.0))
 
 
 def test_multiplier_is_a_parameter_the_optimizer_cannot_train():

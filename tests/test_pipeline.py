@@ -15,7 +15,8 @@ from physlm import pipeline
 from physlm.config import KEYS, Config, ConfigError, from_flat
 from physlm.pipeline import PIPELINE_KEYS, PipelineOptions, StageError
 from physlm.report import fmt
-from physlm.run import RunDirectory, read_jsonl
+from physlm.files import read_jsonl
+from physlm.runs import RunDirectory
 from physlm.trainer import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def test_phase3_notebook_runs_the_whole_pipeline_on_the_smoke_parameters(tmp_pat
             assert (run.notebooks / f"{stage}.ipynb").is_file(), (run.root, stage)
     saved = yaml.safe_load(main.config.read_text())
     assert {key: saved[key] for key in SMOKE} == SMOKE
-    assert yaml.safe_load(control.config.read_text()) == {**saved, "physics": False}
+    assert yaml.safe_load(control.config.read_text()) == {**saved, "energy_penalty": False}
     epochs = read_jsonl(main.epochs)
     control_epochs = read_jsonl(control.epochs)
     assert [r["phase"] for r in epochs] == ["warmup"] + ["physics"] * (SMOKE["epochs"] - 1)
@@ -207,5 +208,5 @@ def test_phase3_notebook_runs_the_whole_pipeline_on_the_smoke_parameters(tmp_pat
     steps = main.steps.read_bytes(), control.steps.read_bytes()
     config = from_flat(saved)
     pipeline.train_run(config, run_dir)
-    pipeline.train_run(pipeline.control_config(config), control.root)
+    pipeline.train_run(config.control(), control.root)
     assert (main.steps.read_bytes(), control.steps.read_bytes()) == steps

@@ -8,8 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from physlm.config import KEYS, Config, ConfigError, from_flat, parse_assignment
+from physlm.config import KEYS, Config, from_flat
 from physlm.data import Vocabulary, chunk_ids, tokenize
+from physlm.values import ConfigError, parse_assignment
 
 FAST = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -27,7 +27,8 @@ from physlm.__main__ import main
 from physlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from physlm.config import from_flat
 from physlm.fixture import fixture_dir
-from physlm.run import RunDirectory, append_jsonl, read_jsonl
+from physlm.files import append_jsonl, read_jsonl
+from physlm.runs import RunDirectory
 from physlm.trainer import Trainer, train
 
 from .conftest import REPO_ROOT, TINY, crash_after_step
@@ -442,7 +443,7 @@ def test_physics_start_equal_to_epochs_trains_without_physics_and_warns(tmp_path
     """physics_start_epoch == epochs is allowed, reported by the config, and warned about."""
     config = tiny_config(epochs=1, physics_start_epoch=1, max_train_batches=2,
                          max_eval_batches=1)
-    assert not config.physics_runs
+    assert not config.trains_with_physics
     with pytest.warns(UserWarning, match="physics never runs"):
         trainer = Trainer(config, tmp_path / "run")
     trainer.fit()
@@ -454,7 +455,7 @@ def test_physics_start_equal_to_epochs_trains_without_physics_and_warns(tmp_path
 def test_no_warning_when_physics_is_switched_off(tmp_path, tiny_config):
     """physics: false is a deliberate control run: nothing to warn about."""
     config = tiny_config(epochs=1, physics=False, physics_start_epoch=1)
-    assert not config.physics_runs
+    assert not config.trains_with_physics
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Trainer(config, tmp_path / "run")

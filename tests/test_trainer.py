@@ -7,7 +7,8 @@ from itertools import pairwise
 import pytest
 import torch
 
-from physlm.run import read_jsonl
+from physlm.files import read_jsonl
+from physlm.runs import RunConflictError
 from physlm.trainer import Trainer, TrainingError, train
 
 from .conftest import crash_after_step
@@ -111,9 +112,9 @@ def test_finished_run_is_reused_not_retrained(tiny_config, tmp_path):
 
 def test_incompatible_resume_names_the_settings(tiny_config, tmp_path):
     train(tiny_config(epochs=1, physics_start_epoch=1), tmp_path / "run")
-    with pytest.raises(TrainingError, match=r"d_model: 16 in the run, 32 now"):
+    with pytest.raises(RunConflictError, match=r"d_model: 16 in the run, 32 now"):
         Trainer(tiny_config(epochs=1, physics_start_epoch=1, d_model=32), tmp_path / "run")
-    with pytest.raises(TrainingError, match="resume: true"):
+    with pytest.raises(RunConflictError, match="resume: true"):
         Trainer(tiny_config(epochs=1, physics_start_epoch=1, resume=False), tmp_path / "run")
     fresh = Trainer(tiny_config(epochs=1, physics_start_epoch=1, d_model=32, overwrite=True),
                     tmp_path / "run")

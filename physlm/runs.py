@@ -1,0 +1,244 @@
+"""The run directory: the one module that knows its format, for writers and readers.
+
+    RUN_DIR/
+      config.yaml          the resolved configuration (flat keys; physlm.config)
+      vocab.json           the vocabulary, id order
+      env.json             provenance: versions, device, git commit, data checksums
+      metrics/steps.jsonl  one JSON record per optimizer step
+      metrics/epochs.jsonl one JSON record per finished epoch
+      metrics/initial.json the untrained model's validation loss
+      checkpoints/last.pt  the latest checkpoint (written atomically)
+      notebooks/*.ipynb    executed notebooks of each stage (pipeline runs)
+      control/             the physics-off control run, a run directory itself
+
+The trainer writes through `RunDirectory`; the report, plots, pipeline and
+notebooks read a finished (or unfinished) run as one typed `RunData`: the
+configuration as a `Config`, env.json as a dict, the metrics as DataFrames.
+Metrics files are append-only JSON lines (physlm.files).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from physlm.checkpoint import CheckpointError, load_checkpoint
+from physlm.config import RESUMABLE, Config
+from physlm.files import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
+
+
+class RunConflictError(RuntimeError):
+    """The run directory holds a different run (other settings or data)."""
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    """One run directory: its paths, and reading and writing its files."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+    config = property(lambda self: self.root / "config.yaml")
+    vocab = property(lambda self: self.root / "vocab.json")
+    env = property(lambda self: self.root / "env.json")
+    steps = property(lambda self: self.root / "metrics" / "steps.jsonl")
+    epochs = property(lambda self: self.root / "metrics" / "epochs.jsonl")
+    initial = property(lambda self: self.root / "metrics" / "initial.json")
+    checkpoint = property(lambda self: self.root / "checkpoints" / "last.pt")
+    notebooks = property(lambda self: self.root / "notebooks")
+    control = property(lambda self: RunDirectory(self.root / "control"))
+
+    @property
+    def holds_run(self) -> bool:
+        return self.config.exists() or self.steps.exists() or self.checkpoint.exists()
+
+    def create(self) -> RunDirectory:
+        """Make the directory tree, failing early and clearly when it is not writable."""
+        try:
+            for folder in (self.root, self.steps.parent, self.checkpoint.parent):
+                folder.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise PermissionError(f"run directory {self.root} is not writable ({error}); "
+                                  "choose another run_dir") from error
+        return self
+
+    def clear(self) -> None:
+        """Delete the run's files (overwrite: true); executed notebooks and control stay."""
+        for path in (self.config, self.vocab, self.env):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.steps.parent, ignore_errors=True)
+        shutil.rmtree(self.checkpoint.parent, ignore_errors=True)
+        self.create()
+
+    # ------------------------------------------------------------ configuration and env
+    def write_config(self, config: Config) -> None:
+        config.save(self.config)
+
+    def read_config(self) -> Config:
+        return Config.load(self.config)
+
+    def write_env(self, env: dict[str, Any]) -> None:
+        atomic_write_text(self.env, json.dumps(env, indent=2))
+
+    def read_env(self) -> dict[str, Any]:
+        return json.loads(self.env.read_text()) if self.env.is_file() else {}
+
+    def settings_changed(self, config: Config) -> dict[str, tuple[Any, Any]]:
+        """Non-resumable settings of `config` that differ from the saved ones:
+        key -> (value in the run, value now). Empty when the run has no config."""
+        if not self.config.exists():
+            return {}
+        return self.read_config().differences(config, allowed=RESUMABLE)
+
+    def completed_epochs(self) -> int:
+        """Epochs finished according to the checkpoint (0 without a readable one)."""
+        try:
+            return int(load_checkpoint(self.checkpoint)["epoch"])
+        except (FileNotFoundError, CheckpointError):
+            return 0
+
+    # ------------------------------------------------------------ the fresh/resume decision
+    def prepare(self, config: Config) -> None:
+        """Make the directory ready for `config`: cleared (overwrite), or checked for resume.
+
+        Raises RunConflictError when it holds a run that `config` may not continue.
+        """
+        self.create()
+        if not self.holds_run:
+            return
+        if config.train.overwrite:
+            self.clear()
+            return
+        if not config.train.resume:
+            raise RunConflictError(f"{self.root} already holds a run. Set resume: true to "
+                                   "continue it, overwrite: true to start afresh there, or "
+                                   "choose another run_dir.")
+        differing = [f"{key}: {before!r} in the run, {now!r} now"
+                     for key, (before, now) in self.settings_changed(config).items()]
+        if differing:
+            raise RunConflictError(
+                f"cannot resume the run in {self.root}: its settings differ from this "
+                "configuration:\n  " + "\n  ".join(differing) + "\nUse the run's settings, "
+                "set overwrite: true to start afresh, or choose another run_dir.")
+
+    def check_same_data(self, checksums: dict[str, str]) -> None:
+        """Refuse to continue a run whose data files changed since it started."""
+        saved = self.read_env().get("data_checksums", {})
+        changed = [split for split, digest in checksums.items()
+                   if saved.get(split, digest) != digest]
+        if changed:
+            raise RunConflictError(
+                f"cannot resume the run in {self.root}: its {', '.join(changed)} data changed "
+                "since it started (sha256 differs). Restore the data, set overwrite: true, or "
+                "choose another run_dir.")
+
+    # ------------------------------------------------------------ metrics
+    def start_metrics(self, initial: dict[str, Any]) -> None:
+        """Fresh metrics, beginning with the untrained model's validation."""
+        for path in (self.steps, self.epochs):
+            path.unlink(missing_ok=True)
+        atomic_write_text(self.initial, json.dumps(initial, indent=2))
+
+    def append_steps(self, records: list[dict[str, Any]]) -> None:
+        append_jsonl(self.steps, records)
+
+    def append_epoch(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.epochs, [record], sync=True)
+
+    def keep_metrics_until(self, step: int, epoch: int) -> None:
+        """Drop the records of work after a checkpoint (step `step`, epoch `epoch` in
+        progress): a resume redoes that work."""
+        write_jsonl(self.steps, [r for r in read_jsonl(self.steps) if r["step"] <= step])
+        write_jsonl(self.epochs, [r for r in read_jsonl(self.epochs) if r["epoch"] < epoch])
+
+    def epoch_records(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.epochs)
+
+    def load(self) -> RunData:
+        """The saved run as one typed record."""
+        if not self.config.is_file():
+            raise FileNotFoundError(f"{self.root} is not a run directory: it has no config.yaml")
+        initial = json.loads(self.initial.read_text()) if self.initial.is_file() else {}
+        return RunData(
+            run=self, config=self.read_config(), env=self.read_env(), initial=initial,
+            steps=_frame(read_jsonl(self.steps), ("step", "epoch", "physics", "skipped")),
+            epochs=_frame(read_jsonl(self.epochs), ("epoch", "phase", "val_loss")))
+
+
+def _frame(records: list[dict[str, Any]], keys: tuple[str, ...]) -> pd.DataFrame:
+    """Records as a DataFrame that has at least `keys` as columns, even when empty."""
+    frame = pd.DataFrame(records)
+    for key in keys:
+        if key not in frame:
+            frame[key] = pd.Series(dtype=object)
+    return frame
+
+
+@dataclass
+class RunData:
+    """A saved run: its configuration, provenance and metrics."""
+
+    run: RunDirectory
+    config: Config
+    env: dict[str, Any]
+    initial: dict[str, Any]       # the untrained model's validation (empty for old runs)
+    steps: pd.DataFrame
+    epochs: pd.DataFrame
+
+    @property
+    def name(self) -> str:
+        return self.run.name
+
+    @property
+    def root(self) -> Path:
+        return self.run.root
+
+    @property
+    def finished(self) -> bool:
+        return len(self.epochs) >= self.config.train.epochs
+
+    def phase(self, name: str) -> pd.DataFrame:
+        """The epoch records of one phase ("warmup" or "physics")."""
+        return self.epochs[self.epochs["phase"] == name]
+
+    @property
+    def energy_steps(self) -> pd.DataFrame:
+        """Steps whose energy term was computed and applied (physics on, not skipped)."""
+        steps = self.steps
+        if "energy_computed" not in steps:
+            return steps.iloc[0:0]
+        mask = (steps["physics"].astype(bool) & steps["energy_computed"].astype(bool)
+                & ~steps["skipped"].astype(bool))
+        return steps[mask]
+
+
+def default_run_dir(config: Config) -> Path:
+    """Where a run goes unless told otherwise: runs/<name> (the pipeline and the CLI)."""
+    return Path("runs") / config.run_name
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run directory (config.yaml, env.json, metrics/*.jsonl)."""
+    return RunDirectory(run_dir).load()
+
+
+def find_control(run_dir: str | Path, control_dir: str | Path | None = None) -> RunData | None:
+    """The control run: `control_dir` if given, else `<run_dir>/control` when it holds a run."""
+    if control_dir is not None:
+        return load_run(control_dir)
+    default = RunDirectory(run_dir).control
+    return default.load() if default.config.is_file() else None

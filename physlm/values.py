@@ -1,0 +1,88 @@
+"""Parameter values as users type them: coercion to a setting's type, `key=value` parsing,
+and the closest valid name for a typo. Nothing here knows the settings themselves."""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, of the wrong type, or out of range."""
+
+
+def suggest(key: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """Return `value` as the type `hint` asks for, or raise ConfigError.
+
+    Ints are accepted where floats are expected, and numeric strings where
+    numbers are expected (YAML reads `1e-3` as a string; the CLI passes text).
+    """
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        if value == "" and type(None) in options:
+            return None  # papermill and CLI users write "empty" as ""
+        (inner,) = [o for o in options if o is not type(None)]
+        return coerce(key, value, inner)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}"
+                              + (suggest(str(value), choices) if isinstance(value, str) else ""))
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a new field type without a coercion rule
+        raise TypeError(f"no coercion rule for {key}: {hint}")
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Parse a command-line `key=value`; the value is read as YAML (`2`, `1e-3`, `true`)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"expected key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{text}: {raw!r} is not a valid YAML value ({problem}); fix it, "
+                          "or quote it to pass it as text") from error
+    return key, value
