@@ -1,6 +1,6 @@
 """Figures of a saved run, drawn from its metrics (used by physlm.report and the notebooks).
 
-Each function takes a `physlm.report.RunData` (and the control run where it
+Each function takes a `physlm.runs.RunData` (and the control run where it
 compares) and returns a matplotlib Figure. Figures are built without pyplot on
 the Agg canvas, so nothing needs a display and no global figure state leaks; a
 notebook shows a returned Figure as it would any other.
@@ -12,8 +12,6 @@ dashed horizontal one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -21,8 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-if TYPE_CHECKING:
-    from physlm.report import RunData
+from physlm.runs import RunData
 
 DPI = 110
 LOG_RANGE = 100  # a positive series spanning more than this factor gets a log axis
@@ -53,13 +50,15 @@ def _mark_physics_start(ax: Axes, x: float | None) -> None:
 
 def _epoch_axis(ax: Axes, run: RunData) -> None:
     """Span all planned epochs and mark the physics start between two epochs."""
-    ax.set_xlim(0.5, max(run.epochs_planned, len(run.epochs), 1) + 0.5)
-    _mark_physics_start(ax, run.physics_start + 0.5 if run.physics_planned else None)
+    config = run.config
+    ax.set_xlim(0.5, max(config.train.epochs, len(run.epochs), 1) + 0.5)
+    start = config.physics.physics_start_epoch
+    _mark_physics_start(ax, start + 0.5 if config.trains_with_physics else None)
 
 
 def _mark_target(ax: Axes, run: RunData) -> None:
-    ax.axhline(run.target, color="tab:red", linestyle="--", linewidth=1,
-               label=f"target {run.target:g}")
+    target = run.config.physics.energy_target_drift
+    ax.axhline(target, color="tab:red", linestyle="--", linewidth=1, label=f"target {target:g}")
 
 
 def _auto_log(ax: Axes, values: pd.Series) -> None:
@@ -230,8 +229,17 @@ def time_figure(run: RunData, control: RunData | None) -> Figure:
     return figure
 
 
+CAPTIONS = {  # every figure of the report, by file name (without .png)
+    "energy_drift": "Energy drift per step and per epoch, with the target and the physics start",
+    "lambda": "Lagrange multiplier lambda per step (mean and per layer) and per epoch",
+    "losses": "Loss components per step (smoothed) and per epoch",
+    "perplexity": "Validation perplexity per epoch, run and control",
+    "time": "Time per epoch and training throughput",
+}
+
+
 def make_figures(run: RunData, control: RunData | None) -> dict[str, Figure]:
-    """Every figure of the report, by file name (without .png)."""
+    """Every figure of the report, by file name (without .png), in the order of CAPTIONS."""
     return {
         "energy_drift": drift_figure(run),
         "lambda": lambda_figure(run),

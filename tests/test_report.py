@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -21,8 +22,10 @@ import yaml
 from physlm import plots, report
 from physlm.__main__ import main
 from physlm.config import from_flat
-from physlm.model import ResNetBK, count_parameters
-from physlm.run import read_jsonl, write_jsonl
+from physlm.files import read_jsonl, write_jsonl
+from physlm.model import count_parameters
+from physlm.physics import build_model
+from physlm.runs import find_control, load_run
 from physlm.trainer import train
 
 TINY = {"dataset": "fixture", "d_model": 16, "n_layers": 2, "n_seq": 16, "vocab_size": 300,
@@ -68,7 +71,8 @@ def number(cell: str) -> float:
 
 
 def close(cell: str, value: float) -> bool:
-    return number(cell) == pytest.approx(value, rel=1e-4, abs=1e-4)
+    """The cell shows `value` to its kind's precision (4 significant digits or decimals)."""
+    return number(cell) == pytest.approx(value, rel=5e-4, abs=5e-5)
 
 
 def criteria(text: str) -> dict[str, str]:
@@ -88,8 +92,7 @@ def edit_epochs(run_dir: Path, **values: float) -> None:
 
 def render(run_dir: Path, control_dir: Path | None = None) -> str:
     """The report's markdown without drawing its figures (fast; write_report draws them)."""
-    run = report.load_run(run_dir)
-    control = report.find_control(run_dir, control_dir)
+    run, control = load_run(run_dir), find_control(run_dir, control_dir)
     return report.render_report(run, control, {}, run_dir, "python -m physlm report")
 
 
@@ -100,7 +103,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real three-epoch run (one warmup, two physics epochs) and its physics-off control."""
     root = tmp_path_factory.mktemp("report") / "run"
     train(from_flat(TINY), root)
-    train(from_flat({**TINY, "physics": False}), root / "control")
+    train(from_flat({**TINY, "energy_penalty": False}), root / "control")
     return root
 
 
@@ -150,9 +153,7 @@ def test_tables_hold_the_metrics_values(run_dir: Path, written: tuple[Path, str]
 
     model = settings(section(text, "Model configuration"))
     assert number(model["Parameters (total)"]) == env["parameters"]["total"]
-    config = from_flat(TINY)
-    built = ResNetBK(config.model, env["vocab_size"], config.physics.lambda_energy_init)
-    assert count_parameters(built) == env["parameters"]
+    assert count_parameters(*build_model(from_flat(TINY), env["vocab_size"])) == env["parameters"]
 
     final = {row["Run"]: row for row in tables(section(text, "Final results vs. control"))[0]}
     assert close(final["run"]["Val PPL"], epochs[-1]["val_ppl"])
@@ -173,13 +174,13 @@ def test_average_drift_is_the_mean_over_computed_physics_steps(
 
 
 def test_load_run_gives_dataframes(run_dir: Path) -> None:
-    run = report.load_run(run_dir)
-    assert run.name == "run" and run.finished and run.physics_planned
+    run = load_run(run_dir)
+    assert run.name == "run" and run.finished and run.config.trains_with_physics
     assert len(run.epochs) == 3 and list(run.epochs["phase"]) == ["warmup", "physics", "physics"]
-    assert len(run.steps) == 12 and run.config["d_model"] == 16
-    assert report.find_control(run_dir).config["physics"] is False
+    assert len(run.steps) == 12 and run.config.model.d_model == 16
+    assert find_control(run_dir).config.physics.energy_penalty is False
     with pytest.raises(FileNotFoundError, match="not a run directory"):
-        report.load_run(run_dir / "metrics")
+        load_run(run_dir / "metrics")
 
 
 # ---------------------------------------------------------------- statuses follow the data
@@ -265,39 +266,105 @@ def test_model_without_energy_heads(run_dir: Path, tmp_path: Path) -> None:
                            for r in read_jsonl(path)])
     text = render(copy)
     assert "No multiplier was logged" in section(text, "Lambda evolution")
-    assert len(report.lambda_table(report.load_run(copy))) == 3
-    run = report.load_run(copy)
+    assert len(report.lambda_table(load_run(copy))) == 3
+    run = load_run(copy)
     assert list(plots.make_figures(run, None)) == FIGURES
 
 
-def test_cli_writes_the_report(run_dir: Path, tmp_path: Path, capsys) -> None:
+def test_cli_writes_the_report(run_dir: Path, tmp_path: Path, capsys, monkeypatch,
+                               tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.chdir(base)  # the regenerate command names paths relative to the working dir
     assert main(["report", str(run_dir), "--out-dir", str(tmp_path)]) == 0
     assert Path(capsys.readouterr().out.strip()) == tmp_path / "run.md"
     assert (tmp_path / "run" / "energy_drift.png").is_file()
-    assert f"python -m physlm report {run_dir} --out-dir {tmp_path}" in (
-        tmp_path / "run.md").read_text()
+    assert f"python -m physlm report {run_dir.relative_to(base)} --out-dir " \
+           f"{tmp_path.relative_to(base)}" in (tmp_path / "run.md").read_text()
 
 
 # ---------------------------------------------------------------- formatting and figures
 
-@pytest.mark.parametrize(("value", "text"), [
-    (1234567, "1,234,567"), (0.1, "0.1000"), (1234.56789, "1,234.5679"), (0.0, "0"),
-    (1e-5, "1.0000e-05"), (2.5e7, "2.5000e+07"), (math.inf, "inf"), (None, report.NA),
-    (True, "yes"), ("causal", "causal")])
-def test_fmt(value: object, text: str) -> None:
-    assert report.fmt(value) == text
+@pytest.mark.parametrize(("value", "name", "text"), [
+    (5.902033805, "Val loss", "5.9020"), (0.1305043, "Energy loss (weighted)", "0.1305"),
+    (1.97961237, "Energy MSE (raw)", "1.9796"), (-0.57484, "loss", "-0.5748"),
+    (365.780638, "Val PPL", "365.78"), (12345.678, "Val PPL (batch mean)", "12,345.68"),
+    (0.0503444, "Time (s)", "0.1"), (1234.56, "Time/epoch (s, phase mean)", "1,234.6"),
+    (11590.297, "Tokens/s", "11,590"), (2_000_000.0, "Tokens/s (phase mean)", "2,000,000"),
+    (60065, "Tokens", "60,065"), (np.int64(1234567), "Parameters (total)", "1,234,567"),
+    (0.09311104565, "Lambda", "0.09311"), (np.float64(0.12489932), "Lambda (mean)", "0.1249"),
+    (1.1777763, "Drift", "1.178"), (2.0e6, "Drift", "2,000,000"), (1e-5, "Drift (max)", "0.00001"),
+    (0.0, "Drift", "0"), (0.05, "lambda_energy_init", "0.05"), (0.117, "Expert 1", "0.117"),
+    (0.25, "Physics steps within target (of 8)", "25.0%"), (-0.0488, "change", "-4.88%"),
+    (None, "Val loss", report.NA), (math.nan, "Val PPL", report.NA), (math.inf, "Drift", "inf"),
+    (True, "energy_heads", "yes"), ("causal", "bk_mode", "causal"), ("a|b", "", "a\\|b"),
+    ([0.09311104, 0.12489932], "Per layer", "0.09311, 0.1249"), ([], "Per layer", report.NA)])
+def test_numbers_are_written_by_kind(value: object, name: str, text: str) -> None:
+    """Losses 4 decimals, perplexities 2, times 1, counts as integers with thousands
+    separators, lambda/drift 4 significant digits; never scientific notation."""
+    assert report.fmt(value, name) == text
 
 
-def test_markdown_table_aligns_numbers_right() -> None:
-    frame = pd.DataFrame({"Name": ["a|b", "c"], "Value": [1, report.NA]})
-    assert report.markdown_table(frame).splitlines() == [
-        "| Name | Value |", "| :--- | ---: |", "| a\\|b | 1 |", "| c | n/a |"]
-    assert report.markdown_table(frame.iloc[0:0]) == "_(no rows)_"
+def test_tables_format_columns_by_kind_and_align_numbers_right() -> None:
+    frame = pd.DataFrame({"Epoch": [1, 2], "Phase": ["warmup", "physics"],
+                          "Val loss": [5.9, 5.784956], "Val PPL": [365.780638, None],
+                          "Tokens/s": [2e6, 11590.297], "Drift": [1.1777763, 2e6]})
+    text = report.table(frame)
+    assert tables(text)[0] == [
+        {"Epoch": "1", "Phase": "warmup", "Val loss": "5.9000", "Val PPL": "365.78",
+         "Tokens/s": "2,000,000", "Drift": "1.178"},
+        {"Epoch": "2", "Phase": "physics", "Val loss": "5.7850", "Val PPL": report.NA,
+         "Tokens/s": "11,590", "Drift": "2,000,000"}]
+    rule = [cell.strip() for cell in text.splitlines()[1].strip("|").split("|")]
+    assert [cell.endswith(":") and not cell.startswith(":") for cell in rule] == [
+        True, False, True, True, True, True]
+    assert "e+" not in text and "e-" not in text
+    # A Setting | Value (or Metric | ...) table takes each row's kind from the row's name.
+    rows = pd.DataFrame({"Setting": ["Val PPL", "Tokens/s", "Lambda", "Time (s)"],
+                         "Value": pd.Series([365.780638, 11590.297, 0.0931110, 3.14159],
+                                            dtype=object)})
+    assert settings(report.table(rows)) == {"Val PPL": "365.78", "Tokens/s": "11,590",
+                                            "Lambda": "0.09311", "Time (s)": "3.1"}
+    assert report.table(frame.iloc[0:0]) == "_(no rows)_"
+
+
+def test_report_columns_are_formatted_by_kind(written: tuple[Path, str]) -> None:
+    _, text = written
+    kinds = {"Train loss": r"\d+\.\d{4}", "Energy MSE (raw)": r"\d+\.\d{4}",
+             "Val PPL": r"[\d,]+\.\d{2}", "Time (s)": r"[\d,]+\.\d", "Tokens/s": r"[\d,]+",
+             "Epoch": r"\d+", "Lambda": r"[\d,.]+", "Drift": r"[\d,.]+"}
+    for row in tables(section(text, "Physics epochs"))[0]:
+        for column, pattern in kinds.items():
+            assert re.fullmatch(pattern, row[column]), (column, row[column])
+        for column in ("Lambda", "Drift"):  # at most 4 significant digits
+            assert len(re.sub(r"[,.]", "", row[column]).lstrip("0")) <= 4, row[column]
+    assert not re.search(r"\de[+-]\d", text)
+
+
+def test_report_holds_no_absolute_path(run_dir: Path, tmp_path: Path, monkeypatch,
+                                       written: tuple[Path, str]) -> None:
+    """Data files by name and checksum; directories relative to the working directory, or by
+    name when they lie elsewhere; a regenerate command with relative paths."""
+    env = json.loads((run_dir / "env.json").read_text())
+    absolute = [str(run_dir.parent), str(tmp_path), str(Path.home()), "/root", "/work", "/tmp"]
+    absolute += list(env["data_files"].values())
+    copy = copy_run(run_dir, tmp_path / "runs" / "run")
+    monkeypatch.chdir(tmp_path)
+    text = report.write_report(copy, out_dir=tmp_path / "reports").read_text()
+    for report_text in (text, written[1]):  # the run below the working directory, and not
+        assert not [path for path in absolute if path in report_text]
+    provenance = settings(section(text, "Provenance"))
+    assert provenance["Run directory"] == "runs/run"
+    assert provenance["Control directory"] == "runs/run/control"
+    assert provenance["Regenerate with"] == "`python -m physlm report runs/run --out-dir reports`"
+    files = tables(section(text, "Dataset"))[1]
+    assert [row["File"] for row in files] == [Path(p).name for p in env["data_files"].values()]
+    assert [row["sha256"] for row in files] == list(env["data_checksums"].values())
+    assert settings(section(written[1], "Provenance"))["Run directory"] == "run"
 
 
 def test_figures_have_titles_and_labels(run_dir: Path) -> None:
-    run = report.load_run(run_dir)
-    figures = plots.make_figures(run, report.find_control(run_dir))
+    run = load_run(run_dir)
+    figures = plots.make_figures(run, find_control(run_dir))
     assert list(figures) == FIGURES == list(report.FIGURE_CAPTIONS)
     for figure in figures.values():
         for ax in figure.axes:
