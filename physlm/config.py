@@ -109,7 +109,7 @@ class PhysicsConfig:
         "total", CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
     # Train the heads on the energy objective during the warmup, the network detached.
     fit_heads_in_warmup: bool = setting(False, CONTROL_MAY_DIFFER)
-    lambda_energy_init: float = setting(0.05, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
+    lambda_energy_init: float = setting(0.05, CONTROL_MAY_DIFFER)  # logged in the warmup too
     lambda_lr: float = setting(0.01, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)   # integral gain eta
     lambda_kp: float = setting(0.0, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)    # proportional gain
     lambda_scope: Literal["shared", "per_layer"] = setting(

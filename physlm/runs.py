@@ -8,6 +8,7 @@
       metrics/epochs.jsonl one JSON record per finished epoch
       metrics/initial.json the untrained model's validation loss
       checkpoints/last.pt  the latest checkpoint (written atomically)
+      checkpoints/warmup.pt the checkpoint at the end of the warmup, where runs fork
       notebooks/*.ipynb    executed notebooks of each stage (pipeline runs)
       control/             the physics-off control run, a run directory itself
 
@@ -20,6 +21,7 @@ Metrics files are append-only JSON lines (physlm.files).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +29,15 @@ from typing import Any
 
 import pandas as pd
 
-from physlm.checkpoint import CheckpointError, load_checkpoint
-from physlm.config import RESUMABLE, Config
-from physlm.files import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
+from physlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from physlm.config import RESUMABLE, WARMUP_INVARIANT, Config
+from physlm.files import (
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_jsonl,
+    write_jsonl,
+)
 
 
 class RunConflictError(RuntimeError):
@@ -56,8 +64,15 @@ class RunDirectory:
     epochs = property(lambda self: self.root / "metrics" / "epochs.jsonl")
     initial = property(lambda self: self.root / "metrics" / "initial.json")
     checkpoint = property(lambda self: self.root / "checkpoints" / "last.pt")
+    warmup_checkpoint = property(lambda self: self.root / "checkpoints" / "warmup.pt")
     notebooks = property(lambda self: self.root / "notebooks")
     control = property(lambda self: RunDirectory(self.root / "control"))
+
+    @property
+    def label(self) -> str:
+        """A short name for progress lines: the run's name, with its parent for a control."""
+        name = self.root.resolve().name
+        return f"{self.root.resolve().parent.name}/{name}" if name == "control" else name
 
     @property
     def holds_run(self) -> bool:
@@ -145,6 +160,32 @@ class RunDirectory:
                 f"cannot resume the run in {self.root}: its {', '.join(changed)} data changed "
                 "since it started (sha256 differs). Restore the data, set overwrite: true, or "
                 "choose another run_dir.")
+
+    # ------------------------------------------------------------ forks
+    def keep_warmup_checkpoint(self) -> None:
+        atomic_write_bytes(self.warmup_checkpoint, self.checkpoint.read_bytes())
+
+    def fork_from(self, source: RunDirectory, config: Config) -> bool:
+        """Start this (empty) run at the end of `source`'s warmup, when `config` would train
+        the same warmup (it differs from source's settings only in WARMUP_INVARIANT ones);
+        return whether it did. Training then resumes from the copied checkpoint."""
+        if self.holds_run or not source.warmup_checkpoint.is_file() or \
+                source.read_config().differences(config, allowed=WARMUP_INVARIANT):
+            return False
+        self.create()
+        state = load_checkpoint(source.warmup_checkpoint)
+        state["config"] = config.to_flat()
+        save_checkpoint(self.checkpoint, state)
+        self.keep_warmup_checkpoint()
+        epoch = state["epoch"]
+        for name in ("vocab", "initial"):
+            atomic_write_bytes(getattr(self, name), getattr(source, name).read_bytes())
+        write_jsonl(self.steps, [r for r in read_jsonl(source.steps) if r["epoch"] < epoch])
+        write_jsonl(self.epochs, [r for r in read_jsonl(source.epochs) if r["epoch"] < epoch])
+        self.write_env({**source.read_env(), "forked_from": {
+            "run": os.path.relpath(source.root.resolve(), self.root.resolve()), "epoch": epoch}})
+        self.write_config(config)
+        return True
 
     # ------------------------------------------------------------ metrics
     def start_metrics(self, initial: dict[str, Any]) -> None:

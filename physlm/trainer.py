@@ -116,7 +116,7 @@ class Trainer:
             if self.rank == 0:
                 self.run.append_epoch(record)
                 if self.config.train.progress:
-                    tqdm.write(format_epoch(record, epochs))
+                    tqdm.write(f"{self.run.label}: {format_epoch(record, epochs)}")
             self.epoch, self.batch_in_epoch, self.totals = self.epoch + 1, 0, EpochTotals()
             self.save_checkpoint()
         distributed.barrier(self.world)
@@ -314,6 +314,8 @@ class Trainer:
             else self.previous_embeddings.cpu(),
             "config": self.config.to_flat(),
         })
+        if self.batch_in_epoch == 0 and self.epoch == self.config.physics.physics_start_epoch:
+            self.run.keep_warmup_checkpoint()  # where a control or a sibling run may fork
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])

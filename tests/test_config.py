@@ -157,16 +157,20 @@ def test_an_old_name_and_its_new_name_together_are_refused():
 
 def test_setting_rules_are_declared_on_the_fields():
     """The three rules that used to be lists in three modules, now tags on the fields."""
+    judging = {"name", "settle_epochs", "ppl_tolerance", "min_energy_spread"}  # no training
     assert keys_tagged(RESUMABLE) == {"epochs", "device", "amp", "progress", "checkpoint_every",
-                                      "resume", "overwrite", "max_bad_steps", "max_eval_batches"}
+                                      "resume", "overwrite", "max_bad_steps",
+                                      "max_eval_batches"} | judging
     assert keys_tagged(CONTROL_MAY_DIFFER) == {
         "energy_penalty", "physics_start_epoch", "energy_mode", "lambda_energy_init",
         "lambda_lr", "energy_target_drift", "lambda_min", "lambda_max", "device", "progress",
         "resume", "overwrite", "checkpoint_every", "max_bad_steps", "data_dir", "train_file",
-        "valid_file"}
+        "valid_file", "energy_scale", "clip_mode", "fit_heads_in_warmup", "lambda_kp",
+        "lambda_scope"} | judging
     # Nothing that shapes the model, the data or the optimisation leaves the warmup alone.
     assert not keys_tagged(WARMUP_INVARIANT) & {"d_model", "seed", "lr", "batch_size",
-                                                "physics_start_epoch", "max_train_batches"}
+                                                "physics_start_epoch", "max_train_batches",
+                                                "fit_heads_in_warmup", "lambda_energy_init"}
 
 
 def test_control_and_differences():

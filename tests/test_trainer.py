@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from physlm.files import read_jsonl
-from physlm.runs import RunConflictError
+from physlm.runs import RunConflictError, RunDirectory
 from physlm.trainer import Trainer, TrainingError, train
 
 from .conftest import crash_after_step
@@ -166,3 +166,36 @@ def test_too_many_bad_steps_abort_without_overwriting_the_checkpoint(tiny_config
     with pytest.raises(TrainingError, match="3 consecutive steps"):
         trainer.fit()
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == saved
+
+
+@pytest.mark.parametrize("fork_into", ["control", "physics"])
+def test_a_run_forked_from_a_warmup_equals_one_trained_from_scratch(tiny_config, tmp_path,
+                                                                    fork_into):
+    """A control forked at the end of a physics run's warmup (or a physics run, with another
+    physics recipe, forked from a control's) gives the same metrics, bit for bit."""
+    physics = tiny_config(epochs=3, physics_start_epoch=2)
+    target = (physics.control() if fork_into == "control" else
+              tiny_config(epochs=3, physics_start_epoch=2, lambda_kp=0.5, clip_mode="separate"))
+    source = physics if fork_into == "control" else physics.control()
+    train(source, tmp_path / "source")
+    forked = RunDirectory(tmp_path / "forked")
+    assert forked.fork_from(RunDirectory(tmp_path / "source"), target)
+    assert forked.read_env()["forked_from"] == {"run": "../source", "epoch": 2}
+    train(target, forked.root)
+    train(target, tmp_path / "scratch")
+    for name in ("steps.jsonl", "epochs.jsonl"):
+        scratch = read_jsonl(tmp_path / "scratch" / "metrics" / name)
+        assert _stable(read_jsonl(forked.steps.parent / name)) == _stable(scratch)
+
+
+def test_no_fork_where_the_warmup_would_differ(tiny_config, tmp_path):
+    config = tiny_config(epochs=3, physics_start_epoch=2)
+    train(config.control(), tmp_path / "source")
+    source = RunDirectory(tmp_path / "source")
+    for other in (tiny_config(epochs=3, physics_start_epoch=2, lr=2e-3),
+                  tiny_config(epochs=3, physics_start_epoch=1),
+                  tiny_config(epochs=3, physics_start_epoch=2, lambda_energy_init=0.5),
+                  tiny_config(epochs=3, physics_start_epoch=2, energy_scale="relative",
+                              fit_heads_in_warmup=True)):
+        assert not RunDirectory(tmp_path / "target").fork_from(source, other)
+    assert not (tmp_path / "target").exists()

@@ -1,0 +1,86 @@
+"""A pool of worker processes for independent runs (controls, seeds, study variants).
+
+Each worker is a fresh process with its share of the cores as torch threads: on a
+small CPU two single-thread processes do more steps per second than one process
+with two threads (benchmarks/README.md). A job is one ordinary physlm run, so it
+is resumable and reusable like any other: a finished run is skipped by the
+trainer, an interrupted one resumes from its checkpoint.
+
+    jobs = [TrainJob(config, "runs/a"), TrainJob(control, "runs/a/control", fork="runs/a")]
+    run_jobs(jobs, workers=2)
+
+A job with `fork` starts at the end of that run's warmup when the warmups would be
+identical (physlm.runs.RunDirectory.fork_from) and trains from scratch otherwise;
+`after` names the job whose warmup it waits for.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from physlm.config import Config, from_flat
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    config: Config
+    run_dir: str | Path
+    fork: str | Path | None = None      # a run whose warmup this one may start from
+    until_epoch: int | None = None      # stop early (e.g. at the end of the warmup)
+
+    @property
+    def label(self) -> str:
+        return str(self.run_dir)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _train(flat: dict[str, Any], run_dir: str, fork: str | None,
+           until_epoch: int | None) -> tuple[str, int, bool]:
+    """Worker side: fork if possible, then train; returns (run_dir, epochs, forked)."""
+    from physlm.runs import RunDirectory
+    from physlm.trainer import train
+
+    config = from_flat(flat)
+    run = RunDirectory(run_dir)
+    forked = fork is not None and run.fork_from(RunDirectory(fork), config)
+    return run_dir, len(train(config, run_dir, until_epoch=until_epoch)), forked
+
+
+def threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def run_jobs(waves: list[list[TrainJob]], workers: int = 1) -> list[tuple[str, int, bool]]:
+    """Run each wave's jobs in the pool, a wave only after the previous one has finished
+    (later waves may fork from earlier ones' warmups). Raises the first job error."""
+    results: list[tuple[str, int, bool]] = []
+    context = multiprocessing.get_context("spawn")   # no torch state shared with the parent
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(threads_per_worker(workers),)) as pool:
+        for wave in waves:
+            start = time.perf_counter()
+            pending: dict[Future, TrainJob] = {
+                pool.submit(_train, job.config.to_flat(), str(job.run_dir),
+                            None if job.fork is None else str(job.fork), job.until_epoch): job
+                for job in wave}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = pending.pop(future)
+                    run_dir, epochs, forked = future.result()
+                    results.append((run_dir, epochs, forked))
+                    print(f"pool: {job.label} done ({epochs} epochs"
+                          f"{', forked from ' + str(job.fork) if forked else ''}) "
+                          f"after {time.perf_counter() - start:.0f}s", flush=True)
+    return results
