@@ -229,12 +229,38 @@ def time_figure(run: RunData, control: RunData | None) -> Figure:
     return figure
 
 
+def gradient_figure(run: RunData) -> Figure:
+    """Per step: the LM and energy gradient norms before clipping, and the clip factors."""
+    figure, ((norms, factors),) = new_figure(f"{run.name}: gradient accounting", ncols=2)
+    steps = run.steps
+    if "lm_grad_norm" in steps and len(steps):
+        norms.plot(steps["step"], steps["lm_grad_norm"], linewidth=0.8, label="LM")
+        energy = steps[steps["energy_grad_norm"] > 0]
+        norms.plot(energy["step"], energy["energy_grad_norm"], ".", markersize=3,
+                   color="tab:red", label="energy")
+        norms.axhline(run.config.train.grad_clip, linestyle="--", color="gray", label="clip")
+        norms.set_yscale("log")
+        factors.plot(steps["step"], steps["clip_factor"], linewidth=0.8, label="LM")
+        factors.plot(energy["step"], energy["energy_clip_factor"], ".", markersize=3,
+                     color="tab:red", label="energy")
+        factors.set_yscale("log")
+    else:
+        _empty(norms, "no gradient accounting logged")
+        _empty(factors, "no gradient accounting logged")
+    for ax in (norms, factors):
+        _mark_physics_start(ax, _physics_start_step(run))
+    _label(norms, "gradient norm before clipping", "step", "norm")
+    _label(factors, f"clip factor applied ({run.config.physics.clip_mode})", "step", "factor")
+    return figure
+
+
 CAPTIONS = {  # every figure of the report, by file name (without .png)
     "energy_drift": "Energy drift per step and per epoch, with the target and the physics start",
     "lambda": "Lagrange multiplier lambda per step (mean and per layer) and per epoch",
     "losses": "Loss components per step (smoothed) and per epoch",
     "perplexity": "Validation perplexity per epoch, run and control",
     "time": "Time per epoch and training throughput",
+    "gradients": "LM and energy gradient norms and the clip factors per step",
 }
 
 
@@ -246,4 +272,5 @@ def make_figures(run: RunData, control: RunData | None) -> dict[str, Figure]:
         "losses": loss_figure(run),
         "perplexity": perplexity_figure(run, control),
         "time": time_figure(run, control),
+        "gradients": gradient_figure(run),
     }

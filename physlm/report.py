@@ -9,7 +9,6 @@ import math
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
 
@@ -19,14 +18,11 @@ import pandas as pd
 
 import physlm
 from physlm import plots
-from physlm.config import CONTROL_MAY_DIFFER
+from physlm.criteria import STATUS, criteria_table, final_value, heads_table, summarize
 from physlm.provenance import git_commit
 from physlm.runs import RunData, find_control, load_run
 
-PPL_TOLERANCE = 0.05  # success: final val PPL <= (1 + PPL_TOLERANCE) x the control's
 NA = "n/a"
-MET, NOT_MET, NOT_EVALUATED = "met", "not met", "not evaluated"
-STATUS = {True: MET, False: NOT_MET, None: NOT_EVALUATED}
 FIGURE_CAPTIONS = plots.CAPTIONS
 # Numbers by kind: a column's (or, first column "Setting"/"Metric", a row's) is its name's first
 # KINDS match; else integers are counts, reals get 4 significant digits (lambda, drift, ratio).
@@ -40,7 +36,8 @@ COLUMNS = {"Phase": "phase", "Train loss": "train_loss", "LM loss": "train_lm_lo
            "Val PPL": "val_ppl", "Val PPL (batch mean)": "val_ppl_batch_mean", "Lambda": "lambda",
            "Lambda (mean)": "lambda", "Per layer": "lambda_per_layer", "Drift": "drift",
            "Drift (mean)": "drift", "Drift (max)": "drift_max", "Energy steps": "energy_steps",
-           "Time (s)": "time_s", "Tokens/s": "tokens_per_s"}
+           "Time (s)": "time_s", "Tokens/s": "tokens_per_s", "Clip factor (LM)": "clip_factor",
+           "LM grad norm": "lm_grad_norm", "Energy grad norm": "energy_grad_norm"}
 
 
 def fmt(value: Any, name: str = "") -> str:
@@ -86,66 +83,6 @@ def portable(path: str | Path) -> str:
     return path.relative_to(here).as_posix() if path.is_relative_to(here) else path.name
 
 
-def drift_stats(run: RunData) -> tuple[float | None, float | None]:
-    """Mean and maximum drift over the physics steps that computed the energy."""
-    physics = run.phase("physics")
-    if "energy_steps" not in physics or physics["energy_steps"].sum() == 0:
-        return None, None
-    weights = physics["energy_steps"]
-    mean = float((physics["drift"] * weights).sum() / weights.sum())
-    return mean, float(physics.loc[weights > 0, "drift_max"].max())
-
-
-def max_consecutive(flags: pd.Series) -> int:
-    """The longest run of True values."""
-    flags = flags.astype(bool).reset_index(drop=True)
-    return int(flags.groupby((~flags).cumsum()).sum().max()) if len(flags) else 0
-
-
-def _final(run: RunData | None, key: str) -> float | None:
-    has = run is not None and not run.epochs.empty and key in run.epochs
-    return float(run.epochs[key].iloc[-1]) if has else None
-
-
-def summarize(run: RunData, control: RunData | None) -> SimpleNamespace:
-    """The headline numbers of a run against its control (None: no control run)."""
-    drift_mean, drift_max = drift_stats(run)
-    target = run.config.physics.energy_target_drift
-    energy = run.energy_steps
-    energy = energy[energy["epoch"].isin(run.epochs["epoch"])]  # as drift_stats: finished epochs
-    ppl, control_ppl = _final(run, "val_ppl"), _final(control, "val_ppl")
-    steps, skipped = run.steps, run.steps["skipped"].astype(bool)
-    physics = steps["physics"].astype(bool) & ~skipped
-    return SimpleNamespace(
-        epochs_done=len(run.epochs), epochs_planned=run.config.train.epochs, target=target,
-        drift_mean=drift_mean, drift_max=drift_max, drift_steps=len(energy),
-        drift_met=None if drift_mean is None else drift_mean <= target,
-        within_target=float((energy["drift"] <= target).mean()) if len(energy) else None,
-        final_val_loss=_final(run, "val_loss"), control_val_loss=_final(control, "val_loss"),
-        final_val_ppl=ppl, control_val_ppl=control_ppl,
-        ppl_ratio=None if ppl is None or control_ppl is None else ppl / control_ppl,
-        skipped=int(skipped.sum()), max_consecutive_skipped=max_consecutive(skipped),
-        skipped_steps=steps.loc[skipped, "step"].astype(int).tolist(),
-        grad_norm=[steps.loc[~skipped, "grad_norm"].agg(f) for f in ("mean", "max")]
-        if "grad_norm" in steps and (~skipped).any() else None,
-        nonfinite_val=int((~np.isfinite(run.epochs["val_loss"].astype(float))).sum()),
-        no_energy=int((~steps.loc[physics, "energy_computed"].astype(bool)).sum())
-        if "energy_computed" in steps else None)
-
-
-def control_mismatches(run: RunData, control: RunData) -> list[str]:
-    """Why the control is not a like-for-like baseline (empty: it is)."""
-    problems = [f"{key}: run {mine!r}, control {theirs!r}" for key, (mine, theirs)
-                in run.config.differences(control.config, allowed=CONTROL_MAY_DIFFER).items()]
-    if run.env.get("data_checksums") != control.env.get("data_checksums"):
-        problems.append("data checksums differ")
-    if control.config.trains_with_physics:
-        problems.append("the control run trains with the physics penalty")
-    if len(control.epochs) != len(run.epochs):
-        problems.append(f"epochs finished: run {len(run.epochs)}, control {len(control.epochs)}")
-    return problems
-
-
 def epoch_table(rows: pd.DataFrame, *titles: str) -> pd.DataFrame:
     """Epoch records as a table: the 1-based epoch, then `titles` (COLUMNS: title -> key)."""
     return pd.DataFrame({"Epoch": rows["epoch"].astype(int) + 1,
@@ -160,7 +97,8 @@ def warmup_table(run: RunData) -> pd.DataFrame:
 def physics_table(run: RunData) -> pd.DataFrame:
     return epoch_table(run.phase("physics"), "Train loss", "LM loss", "Energy loss (weighted)",
                        "Energy MSE (raw)", "Val loss", "Val loss (batch mean)", "Val PPL",
-                       "Val PPL (batch mean)", "Lambda", "Drift", "Time (s)", "Tokens/s")
+                       "Val PPL (batch mean)", "Lambda", "Drift", "LM grad norm",
+                       "Energy grad norm", "Clip factor (LM)", "Time (s)", "Tokens/s")
 
 
 def energy_progression_table(run: RunData) -> pd.DataFrame:
@@ -169,7 +107,10 @@ def energy_progression_table(run: RunData) -> pd.DataFrame:
 
 
 def lambda_table(run: RunData) -> pd.DataFrame:
-    return epoch_table(run.epochs, "Phase", "Lambda (mean)", "Per layer")
+    """Lambda at each epoch end; per layer only where the layers' multipliers differ."""
+    differ = "lambda_per_layer" in run.epochs and run.epochs["lambda_per_layer"].map(
+        lambda values: len(set(values)) > 1).any()
+    return epoch_table(run.epochs, "Phase", "Lambda (mean)", *["Per layer"] * int(differ))
 
 
 def _phase_end(rows: pd.DataFrame) -> list[Any]:
@@ -194,24 +135,6 @@ def phase_comparison_table(run: RunData, control: RunData | None) -> pd.DataFram
     return table
 
 
-def criteria_table(run: RunData, s: SimpleNamespace) -> pd.DataFrame:
-    """Each success criterion with its value, threshold and status, from the data."""
-    first = float(run.epochs["val_loss"].iloc[0]) if len(run.epochs) > 1 else None
-    rows = [
-        ("Training finished all epochs", f"{s.epochs_done} / {s.epochs_planned}",
-         f"{s.epochs_planned} epochs", s.epochs_done >= s.epochs_planned),
-        ("No non-finite (skipped) steps", s.skipped, "0", s.skipped == 0),
-        ("Average drift <= target", s.drift_mean, fmt(s.target), s.drift_met),
-        (f"Final val PPL within {PPL_TOLERANCE:.0%} of the control", s.ppl_ratio,
-         f"ratio <= {fmt(1 + PPL_TOLERANCE)}",
-         None if s.ppl_ratio is None else s.ppl_ratio <= 1 + PPL_TOLERANCE),
-        ("Val loss decreased over training", None if first is None else
-         f"{fmt(first, 'loss')} -> {fmt(s.final_val_loss, 'loss')}", "last < first",
-         None if first is None else s.final_val_loss < first)]
-    return pd.DataFrame([(name, value, threshold, STATUS[ok]) for name, value, threshold, ok
-                         in rows], columns=["Criterion", "Value", "Threshold", "Status"])
-
-
 def render_report(run: RunData, control: RunData | None, figures: dict[str, Path],
                   out_dir: Path, command: str) -> str:
     """The whole markdown document (`figures`: name -> PNG path below `out_dir`)."""
@@ -226,10 +149,10 @@ def render_report(run: RunData, control: RunData | None, figures: dict[str, Path
     text = env.get_template("report.md.j2").render(
         run=run, control=control, c=run.config, env=run.env, s=s,
         source=re.sub(r"(?<!\S)/\S*/", "", run.env.get("data_source", NA)),  # absolute: names
-        DataFrame=pd.DataFrame, settings=settings, final=_final,
+        DataFrame=pd.DataFrame, settings=settings, final=final_value,
         files={split: Path(path).name for split, path in run.env.get("data_files", {}).items()},
-        mismatches=control_mismatches(run, control) if control else [],
-        warmup=warmup_table(run), physics=physics_table(run), criteria=criteria_table(run, s),
+        heads=heads_table(run), warmup=warmup_table(run), physics=physics_table(run),
+        criteria=criteria_table(run, s),
         progression=energy_progression_table(run), lambdas=lambda_table(run),
         phases=phase_comparison_table(run, control), router=router, command=command,
         generator=f"physlm {physlm.__version__}, commit {git_commit() or NA}",
