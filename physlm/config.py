@@ -46,11 +46,14 @@ def setting(default: Any, *tags: str, alias: str | None = None) -> Any:
 
 @dataclass
 class ModelConfig:
+    # resnet_bk: the model of SPEC section 2; transformer and lstm: the standard baselines.
+    architecture: Literal["resnet_bk", "transformer", "lstm"] = "resnet_bk"
     d_model: int = 64
     n_layers: int = 4
     n_seq: int = 128
     num_experts: int = 4
     dropout: float = 0.1
+    n_heads: int = 4  # attention heads (transformer)
     bk_mode: Literal["causal", "bidirectional"] = "causal"
     potential_clamp: float = 3.0
     feature_clamp: float = 10.0
@@ -64,11 +67,14 @@ class ModelConfig:
 class DataConfig:
     dataset: Literal["wikitext-2-raw-v1", "fixture"] = "wikitext-2-raw-v1"
     # Where the data lives; its identity is checked by checksum, not by path.
-    data_dir: str | None = setting(None, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
-    train_file: str | None = setting(None, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
-    valid_file: str | None = setting(None, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
+    data_dir: str | None = setting(None, RESUMABLE, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
+    train_file: str | None = setting(None, RESUMABLE, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
+    valid_file: str | None = setting(None, RESUMABLE, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
     vocab_size: int = 30_000
     batch_size: int = 32
+    # shuffled: chunks in a seeded random order; stream: batch_size contiguous streams, so
+    # that a recurrent model carries its state from one batch to the next (physlm.data).
+    batching: Literal["shuffled", "stream"] = "shuffled"
     max_train_batches: int | None = None
     max_eval_batches: int | None = setting(None, RESUMABLE)
 
@@ -158,6 +164,10 @@ class Config:
             (m.n_layers >= 1, "n_layers must be >= 1"),
             (m.n_seq >= 2, "n_seq must be >= 2 (a sequence needs an input and a target)"),
             (m.num_experts >= 1, "num_experts must be >= 1"),
+            (m.n_heads >= 1 and m.d_model % m.n_heads == 0,
+             "n_heads must be >= 1 and divide d_model"),
+            (m.architecture == "resnet_bk" or not m.energy_heads,
+             f"energy_heads: true needs architecture: resnet_bk (got {m.architecture})"),
             (0.0 <= m.dropout < 1.0, "dropout must be in [0, 1)"),
             (m.potential_clamp > 0, "potential_clamp must be > 0"),
             (m.feature_clamp > 0, "feature_clamp must be > 0"),
@@ -174,7 +184,7 @@ class Config:
             (t.weight_decay >= 0, "weight_decay must be >= 0"),
             (t.grad_clip > 0, "grad_clip must be > 0"),
             (0 <= t.seed < 2**32, "seed must be in [0, 2**32)"),
-            (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+            (re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
              f"device must be 'auto', 'cpu' or 'cuda[:N]', got {t.device!r}"),
             (t.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: only at epoch ends)"),
             (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),

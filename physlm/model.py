@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,6 +69,7 @@ class ModelOutput:
     token_embeddings: torch.Tensor          # (B, N, D), e_t of the reference energy
     hidden_states: list[torch.Tensor]       # [h_0, ..., h_L], the "depth" trajectory
     expert_load: torch.Tensor               # (L, E), fraction of tokens per expert
+    state: Any = None                       # carried to the next batch (recurrent models)
 
 
 class ResNetBK(nn.Module):
@@ -86,8 +88,9 @@ class ResNetBK(nn.Module):
         for embedding in (self.token_embedding, self.position_embedding):
             nn.init.normal_(embedding.weight, std=config.embedding_init_std)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
-        """x, targets: (B, N) token ids with N <= n_seq."""
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                state: Any = None) -> ModelOutput:
+        """x, targets: (B, N) token ids with N <= n_seq; `state` is unused (no recurrence)."""
         n = x.shape[1]
         if n > self.config.n_seq:
             raise ValueError(f"sequence of {n} tokens is longer than n_seq={self.config.n_seq}")

@@ -241,13 +241,22 @@ class EnergyPenalty(nn.Module):
                               p.lambda_min, p.lambda_max, p.lambda_kp)
 
 
-def build_model(config: Config, vocab_size: int) -> tuple[ResNetBK, EnergyPenalty | None]:
+def build_model(config: Config, vocab_size: int) -> tuple[nn.Module, EnergyPenalty | None]:
     """The language model and its energy penalty (None without energy heads), seeded.
 
     Parameters are drawn in the order of the original's single model, block by block
     (layer l, then its heads), so the initial weights do not depend on where the heads live.
+    The baselines (`architecture` transformer or lstm) have no penalty.
     """
     torch.manual_seed(config.train.seed)
+    if config.model.architecture == "transformer":
+        from physlm.transformer import Transformer
+
+        return Transformer(config.model, vocab_size), None
+    if config.model.architecture == "lstm":
+        from physlm.lstm import LSTMLanguageModel
+
+        return LSTMLanguageModel(config.model, vocab_size), None
     heads: list[EnergyHeads] = []
 
     def layer_then_heads(model_config: ModelConfig) -> BKLayer:

@@ -92,6 +92,8 @@ class Trainer:
         self.totals = EpochTotals()  # the epoch in progress, so far
         self.previous_embeddings: torch.Tensor | None = None
         self.previous_batch_size = 0  # global size of the previous batch
+        self.carry: Any = None         # recurrent state carried along the batch streams
+        self.streaming = config.data.batching == "stream"
         self._pending: list[dict[str, Any]] = []
         if saved:
             self._restore(saved)
@@ -128,6 +130,7 @@ class Trainer:
         flush_every = FLUSH_EVERY_CUDA if self.device.type == "cuda" else 1
         every = config.train.checkpoint_every
         self.model.train()
+        self.carry = None if self.batch_in_epoch == 0 else self.carry   # streams restart
         batches = train_batches(self.corpus.train, data.batch_size, config.train.seed,
                                 self.epoch, data.max_train_batches, start=self.batch_in_epoch)
         bar = tqdm(batches, total=self.batches_per_epoch, initial=self.batch_in_epoch,
@@ -169,10 +172,11 @@ class Trainer:
         # The reference term compares consecutive batches of the same size only.
         previous = self.previous_embeddings if self.previous_batch_size == batch_size else None
         with self._autocast():
-            out = self.model(x, y)
+            out = self.model(x, y, state=self.carry if self.streaming else None)
             terms = None
             if penalty is not None and (physics_on or physics.fit_heads_in_warmup):
                 terms = penalty.terms(out, previous, attached=physics_on)
+        self.carry = out.state   # a recurrent model's state, for the next batch of the stream
         if penalty is not None:
             self.previous_embeddings = out.token_embeddings.detach()
             self.previous_batch_size = batch_size
@@ -229,12 +233,14 @@ class Trainer:
         # loss, tokens, per-batch losses, batches.
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)
         batches = eval_batches(self.corpus.valid, data.batch_size, data.max_eval_batches)
+        state = None
         for index, (x, y) in enumerate(batches):
             if index % self.world != self.rank:
                 continue
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
-                loss = self.model(x, y).loss.double()
+                out = self.model(x, y, state=state if self.streaming else None)
+            loss, state = out.loss.double(), out.state
             sums += torch.stack([loss * y.numel(), loss.new_tensor(y.numel()), loss,
                                  loss.new_tensor(1.0)])
         self.model.train()
@@ -309,7 +315,7 @@ class Trainer:
             "rng_cpu": rng_states,
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
             else None,
-            "previous_batch_size": self.previous_batch_size,
+            "previous_batch_size": self.previous_batch_size, "carry": self.carry,
             "previous_embeddings": None if self.previous_embeddings is None
             else self.previous_embeddings.cpu(),
             "config": self.config.to_flat(),
@@ -328,7 +334,7 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"][self.rank % len(state["rng_cpu"])])
         if self.device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        self.previous_batch_size = state["previous_batch_size"]
+        self.previous_batch_size, self.carry = state["previous_batch_size"], state.get("carry")
         previous = state.get("previous_embeddings")
         if previous is not None and self.world == 1:
             self.previous_embeddings = previous.to(self.device)

@@ -133,7 +133,7 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_config, tmp_path, monkeyp
     forward = trainer.model.forward
     calls = {"n": 0}
 
-    def sometimes_nan(x, targets=None):
+    def sometimes_nan(x, targets=None, state=None):
         out = forward(x, targets)
         calls["n"] += 1
         if calls["n"] in (2, 3) and targets is not None and torch.is_grad_enabled():
@@ -156,7 +156,7 @@ def test_too_many_bad_steps_abort_without_overwriting_the_checkpoint(tiny_config
     saved = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
     forward = trainer.model.forward
 
-    def always_nan(x, targets=None):
+    def always_nan(x, targets=None, state=None):
         out = forward(x, targets)
         if targets is not None and torch.is_grad_enabled():
             out.loss = out.loss * float("nan")
