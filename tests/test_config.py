@@ -160,7 +160,8 @@ def test_setting_rules_are_declared_on_the_fields():
     judging = {"name", "settle_epochs", "ppl_tolerance", "min_energy_spread"}  # no training
     assert keys_tagged(RESUMABLE) == {"epochs", "device", "amp", "progress", "checkpoint_every",
                                       "resume", "overwrite", "max_bad_steps",
-                                      "max_eval_batches"} | judging
+                                      "max_eval_batches", "data_dir", "train_file",
+                                      "valid_file"} | judging  # the data: checked by sha256
     assert keys_tagged(CONTROL_MAY_DIFFER) == {
         "energy_penalty", "physics_start_epoch", "energy_mode", "lambda_energy_init",
         "lambda_lr", "energy_target_drift", "lambda_min", "lambda_max", "device", "progress",
