@@ -424,3 +424,15 @@ def test_figures_have_titles_and_labels(run_dir: Path) -> None:
     for figure in figures.values():
         for ax in figure.axes:
             assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
+
+
+def test_a_target_met_by_the_heads_alone_is_not_called_met(run_dir: Path, tmp_path: Path) -> None:
+    """Drift below target while the energy gradient is ~0 (lambda at its floor): the heads
+    met it alone, so the report says so instead of "met"."""
+    copy = copy_run(run_dir, tmp_path / "run")
+    edit_epochs(copy, drift=0.0, drift_max=0.0)
+    path = copy / "metrics" / "steps.jsonl"
+    write_jsonl(path, [{**r, "energy_grad_norm": 0.0} for r in read_jsonl(path)])
+    text = render(copy)
+    assert criteria(text)[DRIFT] == criteria_module.INACTIVE
+    assert "The penalty is inactive in the steady state" in text[:text.index("## Summary")]
