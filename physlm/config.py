@@ -86,6 +86,7 @@ class TrainConfig:
     name: str | None = setting(None, *EXECUTION)
     epochs: int = setting(10, RESUMABLE, WARMUP_INVARIANT)  # no schedule depends on it
     lr: float = 1e-3
+    lr_warmup_steps: int = 0   # linear learning-rate warmup over the first steps (0: none)
     weight_decay: float = 0.01
     grad_clip: float = 0.5
     seed: int = 0
@@ -181,6 +182,7 @@ class Config:
              f"name must be letters, digits, '.', '_' or '-' (a file name), got {t.name!r}"),
             (t.epochs >= 1, "epochs must be >= 1"),
             (t.lr > 0, "lr must be > 0"),
+            (t.lr_warmup_steps >= 0, "lr_warmup_steps must be >= 0"),
             (t.weight_decay >= 0, "weight_decay must be >= 0"),
             (t.grad_clip > 0, "grad_clip must be > 0"),
             (0 <= t.seed < 2**32, "seed must be in [0, 2**32)"),

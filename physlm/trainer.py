@@ -204,6 +204,9 @@ class Trainer:
         loss = lm_loss + energy_loss
         bad = ~(torch.isfinite(loss) & torch.isfinite(grads.grad_norm))
         self.optimizer.found_inf = bad.float()      # the fused kernel skips the update if set
+        if warmup := self.config.train.lr_warmup_steps:   # linear warmup, then constant
+            self.optimizer.param_groups[0]["lr"] = self.config.train.lr * min(
+                1.0, (self.global_step + 1) / warmup)
         self.optimizer.step()
         if terms and physics_on:
             penalty.update(stats["drift"], skipped=bad)

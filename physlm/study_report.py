@@ -1,0 +1,166 @@
+"""The study's statistics and report: every variant against the control, with its spread.
+
+For variant v and seed s, d_s = PPL_v,s - PPL_control,s (validation perplexity at the
+final epoch, and at each run's best epoch). Over n seeds the mean difference gets a
+paired-t 95% interval, mean +- t_{0.975, n-1} sd / sqrt(n) (from 5 seeds, also a
+percentile bootstrap of the mean). A difference "exceeds the seed spread" when its
+interval excludes 0. Every sentence of the conclusion is a template filled from one such
+comparison, so none says more than the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from physlm import plots
+from physlm.config import Config
+from physlm.provenance import git_commit
+from physlm.report import fmt, portable, table
+from physlm.runs import RunData
+from physlm.study import CONTROL, StudyOptions, study_dir
+
+PHASES = {"plain": "Phase 1: ResNet-BK (plain)", "koopman": "Phase 2: Koopman ResNet-BK",
+          "physics_reference": "Phase 3: physics, reference recipe",
+          "physics_recommended": "Phase 3: physics, recommended recipe",
+          "physics_depth": "Phase 3: physics, depth energy", CONTROL: "Control (physics off)",
+          "lstm": "Baseline: LSTM (tied)", "transformer": "Baseline: Transformer (GPT)"}
+
+
+def run_numbers(run: RunData) -> dict[str, float]:
+    epochs = run.epochs
+    best = epochs.loc[epochs["val_ppl"].astype(float).idxmin()]
+    return {"final": float(epochs["val_ppl"].iloc[-1]), "best": float(best["val_ppl"]),
+            "best_epoch": int(best["epoch"]) + 1,
+            "parameters": run.env.get("parameters", {}).get("total", math.nan),
+            "tokens_per_s": float(epochs["tokens_per_s"].mean()),
+            "finished": run.finished}
+
+
+def numbers(runs: dict[str, list[RunData]]) -> pd.DataFrame:
+    """One row per run: variant, seed, final and best val PPL, best epoch, size, speed."""
+    return pd.DataFrame([{"variant": variant, "seed": run.config.train.seed, **run_numbers(run)}
+                         for variant, seeds in runs.items() for run in seeds if len(run.epochs)])
+
+
+def study_table(frame: pd.DataFrame) -> pd.DataFrame:
+    grouped = frame.groupby("variant", sort=False)
+    return pd.DataFrame({
+        "Variant": list(grouped.groups), "Seeds": grouped.size().to_numpy(),
+        "Parameters": grouped["parameters"].first().to_numpy(),
+        "Best val PPL (mean)": grouped["best"].mean().to_numpy(),
+        "Best val PPL (sd)": grouped["best"].std().to_numpy(),
+        "Final val PPL (mean)": grouped["final"].mean().to_numpy(),
+        "Final val PPL (sd)": grouped["final"].std().to_numpy(),
+        "Best epoch (mean)": grouped["best_epoch"].mean().to_numpy(),
+        "Tokens/s (mean)": grouped["tokens_per_s"].mean().to_numpy()})
+
+
+def paired(frame: pd.DataFrame, variant: str, metric: str) -> dict[str, float] | None:
+    """Variant minus control, seed by seed, with its interval; None without common seeds."""
+    wide = frame.pivot(index="seed", columns="variant", values=metric)
+    if variant not in wide or CONTROL not in wide:
+        return None
+    d = (wide[variant] - wide[CONTROL]).dropna().to_numpy()
+    n = len(d)
+    if n < 2:
+        return None
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    result = {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half,
+              "control": float(wide[CONTROL].loc[wide[variant].dropna().index].mean())}
+    if n >= 5:
+        draws = np.random.default_rng(0).choice(d, size=(10_000, n)).mean(axis=1)
+        result["boot_low"], result["boot_high"] = map(float, np.percentile(draws, [2.5, 97.5]))
+    result["exceeds"] = result["low"] > 0 or result["high"] < 0
+    return result
+
+
+def comparisons(frame: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for variant in frame["variant"].unique():
+        for metric in ("final", "best"):
+            if variant == CONTROL or (p := paired(frame, variant, metric)) is None:
+                continue
+            rows.append({"Variant": variant, "Val PPL at": metric, "Seeds": p["n"],
+                         "Difference (mean)": p["mean"], "Difference (sd)": p["sd"],
+                         "95% CI low": p["low"], "95% CI high": p["high"],
+                         "Relative to control": p["mean"] / p["control"],
+                         "Beyond the seed spread": "yes" if p["exceeds"] else "no"})
+    return pd.DataFrame(rows)
+
+
+def phase_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The original report's "Comparison with Previous Phases", from these runs."""
+    summary = study_table(frame).set_index("Variant")
+    control = summary.loc[CONTROL, "Final val PPL (mean)"] if CONTROL in summary.index else None
+    rows = [{"Phase": PHASES.get(v, v), "Val PPL (final, mean)": r["Final val PPL (mean)"],
+             "Val PPL (final, sd)": r["Final val PPL (sd)"], "Seeds": r["Seeds"],
+             "Parameters": r["Parameters"],
+             "vs control": None if control is None else r["Final val PPL (mean)"] / control - 1}
+            for v, r in summary.iterrows()]
+    return pd.DataFrame(rows)
+
+
+def conclusion(frame: pd.DataFrame) -> list[str]:
+    """Sentences, each filled from one computed comparison (final-epoch PPL)."""
+    sentences = []
+    for variant in frame["variant"].unique():
+        if variant == CONTROL or (p := paired(frame, variant, "final")) is None:
+            continue
+        direction = "lower" if p["mean"] < 0 else "higher"
+        interval = f"95% CI {fmt(p['low'], 'ppl')} to {fmt(p['high'], 'ppl')}"
+        verdict = ("the difference exceeds the seed-to-seed spread" if p["exceeds"] else
+                   "the difference is within the seed-to-seed spread: no effect is shown")
+        sentences.append(f"{PHASES.get(variant, variant)} ends with a validation perplexity "
+                         f"{fmt(abs(p['mean']), 'ppl')} {direction} than the control on average "
+                         f"over {p['n']} seeds ({interval}); {verdict}.")
+    return sentences
+
+
+def curves_figure(runs: dict[str, list[RunData]]) -> plots.Figure:
+    """Validation perplexity per epoch per variant: the mean over seeds with a min-max band."""
+    figure, ((ax,),) = plots.new_figure("Validation perplexity per epoch (mean, min-max band)",
+                                        ncols=1)
+    for variant, seeds in runs.items():
+        curves = pd.DataFrame({run.config.train.seed: run.epochs.set_index("epoch")["val_ppl"]
+                               for run in seeds if len(run.epochs)})
+        if curves.empty:
+            continue
+        x = curves.index.astype(int) + 1
+        line, = ax.plot(x, curves.mean(axis=1), "o-", label=variant)
+        ax.fill_between(x, curves.min(axis=1), curves.max(axis=1), alpha=0.15,
+                        color=line.get_color())
+    ax.set_yscale("log")
+    plots._label(ax, "", "epoch", "validation perplexity")
+    return figure
+
+
+def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) -> Path:
+    """reports/<name>.md and its figure, from the study's runs."""
+    out = Path(options.report_dir)
+    (out / options.name).mkdir(parents=True, exist_ok=True)
+    frame = numbers(runs)
+    figure = out / options.name / "val_ppl.png"
+    curves_figure(runs).savefig(figure, dpi=plots.DPI)
+    configs: dict[str, Config] = {v: seeds[0].config for v, seeds in runs.items() if seeds}
+    env = jinja2.Environment(loader=jinja2.PackageLoader("physlm"), trim_blocks=True,
+                             lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters.update(fmt=fmt, table=table)
+    text = env.get_template("study.md.j2").render(
+        o=options, configs=configs, frame=frame, summary=study_table(frame),
+        comparisons=comparisons(frame), phases=phase_table(frame),
+        conclusion=conclusion(frame), phase_names=PHASES, control=CONTROL,
+        unfinished=frame.loc[~frame["finished"].astype(bool), ["variant", "seed"]].values,
+        figure=figure.relative_to(out).as_posix(), run_dir=portable(study_dir(options)),
+        commits=sorted({r.env.get("git_commit") or "n/a" for s in runs.values() for r in s}),
+        generator=git_commit() or "n/a", now=datetime.now(UTC).strftime("%Y-%m-%d %H:%M"))
+    path = out / f"{options.name}.md"
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,87 @@
+"""The study: plans, a tiny end-to-end run in the worker pool, statistics and the report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from physlm import study, study_report
+from physlm.files import read_jsonl
+from physlm.values import ConfigError
+
+from .conftest import TINY
+
+ALL = ["plain", "physics_reference", "physics_recommended", "physics_depth", "control", "lstm",
+       "transformer"]
+
+
+def tiny_study(tmp_path: Path, **changes) -> study.StudyOptions:
+    overrides = {k: v for k, v in TINY.items() if k not in ("epochs", "physics_start_epoch")}
+    values = dict(name="tiny", seeds=[0, 1, 2], variants=ALL, epochs=2, physics_start_epoch=1,
+                  data_params=None, overrides={**overrides, "max_train_batches": 3,
+                                               "max_eval_batches": 2},
+                  run_dir=str(tmp_path / "runs"), report_dir=str(tmp_path / "reports"),
+                  workers=2)
+    return study.study_options({**values, **changes})
+
+
+def test_plan_forks_the_runs_that_share_the_controls_warmup(tmp_path):
+    options = tiny_study(tmp_path)
+    first, second = study.plan(options)
+    forked = {(Path(job.run_dir).parent.name, Path(job.run_dir).name) for job in second}
+    assert forked == {(v, f"s{s}") for v in ("physics_reference", "physics_depth")
+                      for s in (0, 1, 2)}
+    assert all(job.fork == study.run_path(options, "control", int(job.run_dir.name[1:]))
+               for job in second)
+    assert len(first) == 3 * 5
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"variants": ["plain"]}, "must include 'control'"),
+    ({"variants": ["control", "nonexistent"]}, "has no params/nonexistent.yaml"),
+    ({"seeds": [1, 1]}, "seeds must differ"),
+    ({"physics_start_epoch": 2}, "physics must run"),
+    ({"epocs": 3}, "did you mean 'epochs'"),
+])
+def test_bad_study_settings_are_one_clear_error(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_study(tmp_path, **change)
+
+
+def test_paired_interval_is_the_t_interval_of_the_seed_differences():
+    frame = pd.DataFrame({"variant": ["control"] * 3 + ["x"] * 3, "seed": [0, 1, 2] * 2,
+                          "final": [100.0, 110.0, 120.0, 90.0, 104.0, 111.0]})
+    p = study_report.paired(frame, "x", "final")
+    d = [-10.0, -6.0, -9.0]
+    mean, sd = sum(d) / 3, pd.Series(d).std()
+    half = 4.302652729911275 * sd / math.sqrt(3)      # t_{0.975, 2}
+    assert p["mean"] == pytest.approx(mean) and p["sd"] == pytest.approx(sd)
+    assert (p["low"], p["high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    assert p["exceeds"] == (mean + half < 0)
+
+
+@pytest.mark.slow
+def test_a_tiny_study_runs_every_variant_and_reports_them(tmp_path):
+    options = tiny_study(tmp_path)
+    runs = study.run_study(options)
+    assert set(runs) == set(ALL) and all(len(seeds) == 3 for seeds in runs.values())
+    assert all(run.finished for seeds in runs.values() for run in seeds)
+    forked = runs["physics_reference"][0].env.get("forked_from")
+    assert forked == {"run": "../../control/s0", "epoch": 1}
+    control_steps = read_jsonl(runs["control"][0].run.steps)
+    reference_steps = read_jsonl(runs["physics_reference"][0].run.steps)
+    assert reference_steps[:3] == control_steps[:3]            # the shared warmup
+    path = study_report.write_study_report(options, runs)
+    text = path.read_text()
+    for heading in ("## Conclusion", "## Results by variant", "## Paired differences",
+                    "## Comparison with previous phases", "## Variants", "## Provenance"):
+        assert heading in text
+    assert (path.parent / "tiny" / "val_ppl.png").is_file()
+    assert text.count("than the control on average over 3 seeds") == len(ALL) - 1
+    # A second run of the study reuses every finished run.
+    before = {str(r.run.steps): r.run.steps.read_text() for s in runs.values() for r in s}
+    study.run_study(options)
+    assert all(Path(p).read_text() == text for p, text in before.items())
