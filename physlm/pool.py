@@ -10,8 +10,8 @@ trainer, an interrupted one resumes from its checkpoint.
     run_jobs(jobs, workers=2)
 
 A job with `fork` starts at the end of that run's warmup when the warmups would be
-identical (physlm.runs.RunDirectory.fork_from) and trains from scratch otherwise;
-`after` names the job whose warmup it waits for.
+identical (physlm.runs.RunDirectory.fork_from) and trains from scratch otherwise; it
+waits until the job that produces that run has finished.
 """
 
 from __future__ import annotations
@@ -61,26 +61,48 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def run_jobs(waves: list[list[TrainJob]], workers: int = 1) -> list[tuple[str, int, bool]]:
-    """Run each wave's jobs in the pool, a wave only after the previous one has finished
-    (later waves may fork from earlier ones' warmups). Raises the first job error."""
+def run_jobs(jobs: list[TrainJob], workers: int = 1) -> list[tuple[str, int, bool]]:
+    """Run the jobs in the pool, in order, each as soon as a worker is free; a job that
+    forks from another job's run waits for that job. A failing job does not stop the
+    others (nor those forking from it, which train from scratch); the first error is
+    raised at the end."""
     results: list[tuple[str, int, bool]] = []
+    waiting, errors = list(jobs), []
+    producers = {Path(job.run_dir).resolve() for job in jobs}
+    done: set[Path] = set()
+    start = time.perf_counter()
     context = multiprocessing.get_context("spawn")   # no torch state shared with the parent
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(threads_per_worker(workers),)) as pool:
-        for wave in waves:
-            start = time.perf_counter()
-            pending: dict[Future, TrainJob] = {
-                pool.submit(_train, job.config.to_flat(), str(job.run_dir),
-                            None if job.fork is None else str(job.fork), job.until_epoch): job
-                for job in wave}
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    job = pending.pop(future)
-                    run_dir, epochs, forked = future.result()
-                    results.append((run_dir, epochs, forked))
-                    print(f"pool: {job.label} done ({epochs} epochs"
-                          f"{', forked from ' + str(job.fork) if forked else ''}) "
-                          f"after {time.perf_counter() - start:.0f}s", flush=True)
+        running: dict[Future, TrainJob] = {}
+        while waiting or running:
+            for job in [j for j in waiting if len(running) < workers and _ready(j, producers,
+                                                                                 done)]:
+                waiting.remove(job)
+                running[pool.submit(_train, job.config.to_flat(), str(job.run_dir),
+                                    None if job.fork is None else str(job.fork),
+                                    job.until_epoch)] = job
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                done.add(Path(job.run_dir).resolve())
+                elapsed = f"after {time.perf_counter() - start:.0f}s"
+                if future.exception() is not None:
+                    errors.append(future.exception())
+                    print(f"pool: {job.label} FAILED {elapsed}: {future.exception()}",
+                          flush=True)
+                    continue
+                run_dir, epochs, forked = future.result()
+                results.append((run_dir, epochs, forked))
+                print(f"pool: {job.label} done ({epochs} epochs"
+                      f"{', forked from ' + str(job.fork) if forked else ''}) {elapsed}",
+                      flush=True)
+    if errors:
+        raise errors[0]
     return results
+
+
+def _ready(job: TrainJob, producers: set[Path], done: set[Path]) -> bool:
+    """A job may start unless it forks from a run that another job is still producing."""
+    source = None if job.fork is None else Path(job.fork).resolve()
+    return source is None or source not in producers or source in done

@@ -109,20 +109,19 @@ def run_path(options: StudyOptions, variant: str, seed: int) -> Path:
     return study_dir(options) / variant / f"s{seed}"
 
 
-def plan(options: StudyOptions) -> list[list[TrainJob]]:
-    """Two waves: the runs that start from scratch (the controls among them), then the
-    runs that may fork from their seed's control warmup."""
-    first, second = [], []
-    for seed in options.seeds:
-        control = run_path(options, CONTROL, seed)
-        for variant in options.variants:
-            config = run_config(options, variant, seed)
-            if variant != CONTROL and not config.differences(
-                    run_config(options, CONTROL, seed), allowed=WARMUP_INVARIANT):
-                second.append(TrainJob(config, run_path(options, variant, seed), fork=control))
-            else:
-                first.append(TrainJob(config, run_path(options, variant, seed)))
-    return [wave for wave in (first, second) if wave]
+def plan(options: StudyOptions) -> list[TrainJob]:
+    """Every run of the study, the controls first: the runs whose warmup equals their
+    seed's control's (the reference and depth recipes) fork from it when it is done."""
+    jobs = [TrainJob(run_config(options, CONTROL, seed), run_path(options, CONTROL, seed))
+            for seed in options.seeds]
+    for variant in (v for v in options.variants if v != CONTROL):
+        for seed in options.seeds:
+            config, control = run_config(options, variant, seed), jobs[
+                options.seeds.index(seed)]
+            shares_warmup = not config.differences(control.config, allowed=WARMUP_INVARIANT)
+            jobs.append(TrainJob(config, run_path(options, variant, seed),
+                                 fork=control.run_dir if shares_warmup else None))
+    return jobs
 
 
 def run_study(options: StudyOptions) -> dict[str, list[RunData]]:
