@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,26 +18,58 @@ from physlm.config import load_config
 from physlm.values import ConfigError, parse_assignment
 
 
+class CommandError(Exception):
+    """A command's input is unusable: printed as `physlm: <label>: <message>`, exit `code`."""
+
+    def __init__(self, label: str, message: str, code: int) -> None:
+        super().__init__(message)
+        self.label, self.code = label, code
+
+
 def _config(args: argparse.Namespace):
     overrides = dict(parse_assignment(text) for text in args.set)
-    return load_config(args.params, overrides)
+    try:
+        return load_config(args.params, overrides)
+    except UnicodeDecodeError as error:  # the parameter file, the only text read here
+        raise ConfigError(f"{args.params} is not UTF-8 text (undecodable byte at offset "
+                          f"{error.start}); re-encode it to UTF-8") from error
 
 
 def _train(args: argparse.Namespace) -> None:
-    from physlm.runs import default_run_dir
+    from physlm.runs import RunDirectory, default_run_dir
     from physlm.trainer import train
 
+    if args.until_epoch is not None and args.until_epoch < 0:
+        raise CommandError("invalid argument", f"--until-epoch must be >= 0 (the epoch index "
+                           f"to stop before), got {args.until_epoch}", 2)
     config = _config(args)
     run_dir = args.run_dir or default_run_dir(config)
-    records = train(config, run_dir, until_epoch=args.until_epoch)
+    # One writer per run directory; under torchrun rank 0 writes and holds it.
+    holds = os.environ.get("RANK", "0") == "0"
+    with RunDirectory(run_dir).lock() if holds else contextlib.nullcontext():
+        records = train(config, run_dir, until_epoch=args.until_epoch)
     print(f"{len(records)} epochs in {run_dir}")
 
 
 def _report(args: argparse.Namespace) -> None:
+    from physlm.files import why_not_writable
     from physlm.report import write_report
+    from physlm.runs import RunDirectory
 
-    path = write_report(args.run_dir, out_dir=args.out_dir)
-    print(path)
+    run = RunDirectory(args.run_dir)
+    if not run.config.is_file():
+        raise CommandError("not a run directory", f"{args.run_dir} has no config.yaml; give "
+                           "the run_dir of a training run", 2)
+    try:
+        run.read_config()
+    except (ConfigError, UnicodeDecodeError) as error:
+        raise CommandError("damaged run directory", f"{run.config}: {_one_line(error)}; "
+                           "restore the file, or train the run again", 1) from error
+    reason = why_not_writable(args.out_dir)
+    if reason:
+        raise CommandError("cannot write", f"--out-dir {args.out_dir}: {reason}; choose "
+                           "another --out-dir", 1)
+    print(write_report(args.run_dir, out_dir=args.out_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,26 +123,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _known_error(error: Exception) -> tuple[str, int] | None:
-    """(label, exit code) of the errors a user can act on: 2 for input, 1 for the run."""
+    """(label, exit code) of the errors a user can act on: 2 for input, 1 for the run.
+    An error of the operating system is labelled by what it is ("not a directory",
+    "no space left on device", ...) and names its file."""
+    if isinstance(error, CommandError):
+        return error.label, error.code
     if isinstance(error, ConfigError):
         return "configuration error", 2
     from physlm.checkpoint import CheckpointError  # imported here: they import torch
     from physlm.data import DataError
-    from physlm.runs import RunConflictError
+    from physlm.files import NotWritableError
+    from physlm.runs import RunBusyError, RunConflictError
     from physlm.trainer import TrainingError
 
     for kind, label, code in ((DataError, "data error", 2),
                               (CheckpointError, "checkpoint error", 1),
                               (TrainingError, "cannot train", 1),
+                              (RunBusyError, "run directory busy", 1),
                               (RunConflictError, "cannot train", 1),
-                              (PermissionError, "permission denied", 1)):
+                              (NotWritableError, "cannot write", 1)):
         if isinstance(error, kind):
             return label, code
+    if isinstance(error, OSError):
+        return (error.strerror or "file error").lower(), 1
     return None
 
 
 def _one_line(error: Exception) -> str:
-    """The message on one line: "a:\n  b\n  c" becomes "a: b; c"."""
+    """The message on one line: "a:\n  b\n  c" becomes "a: b; c". An error of the operating
+    system ("[Errno 20] Not a directory: 'x'") is its file names (the label says the rest)."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        return " -> ".join(str(name) for name in (error.filename, error.filename2) if name)
     text = re.sub(r":\s*\n\s*", ": ", str(error).strip())
     return re.sub(r"\s*\n\s*", "; ", text)
 

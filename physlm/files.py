@@ -3,7 +3,8 @@
 An atomic write goes through a temporary file, fsync and rename, so a crash
 leaves the old or the new file. JSON-lines files are appended record by record;
 a torn last line (a crash mid-write) is repaired before the next append and
-ignored on reading.
+ignored on reading. Atomic writes honour the umask like ordinary files (`_umask`).
+`why_not_writable` says, before anything is created, why a folder cannot be written.
 """
 
 from __future__ import annotations
@@ -15,12 +16,53 @@ from pathlib import Path
 from typing import Any
 
 
+class NotWritableError(PermissionError):
+    """A folder cannot be created or written to, whatever the OS's reason (a PermissionError
+    for the callers that catch that)."""
+
+
+def why_not_writable(folder: str | Path) -> str | None:
+    """Why `folder` could not be created or written to, found without creating anything;
+    None when it can. (As root, modes do not bind: os.access says so.)"""
+    existing = Path(folder).absolute()
+    while True:
+        try:
+            if existing.exists():
+                break
+        except OSError as error:  # a parent that may not be searched
+            return f"{(error.strerror or str(error)).lower()}: {existing}"
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"not a directory: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"permission denied: cannot write in {existing}"
+    return None
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file, fsync and rename: a crash leaves the old or the new file."""
+    """Write via a temporary file, fsync and rename: a crash leaves the old or the new file.
+
+    The file gets the mode an ordinary new file gets (0o666 less the umask), not mkstemp's
+    private 0o600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -6,7 +6,8 @@
     warmup.ipynb     train(config, run_dir, until_epoch=physics_start_epoch)  (physics off)
     physics.ipynb    train(config, run_dir): the remaining epochs, physics penalty on
     control          the same two stages with energy_penalty: false, in <run_dir>/control
-    analysis.ipynb   tables, plots and the markdown report (physlm.report)
+    analysis.ipynb   tables, plots and the markdown report (physlm.report), which it also
+                     displays; the pipeline exports that display as reports/<name>.html
 
 The executed copy of every stage is kept in <run_dir>/notebooks/<stage>.ipynb (the
 control's in <run_dir>/control/notebooks/). Every stage receives the same resolved
@@ -17,12 +18,22 @@ checkpoint. A failing stage raises `StageError`, which names the stage, the erro
 where its executed notebook is. The notebooks work in the repository root (launch
 papermill there, or from notebooks/), so relative paths in parameters (params_file,
 run_dir, data_dir, report_dir) are relative to the repository root in every stage.
+
+While a training stage runs, its epochs are reported one line each (physlm.progress), also
+in the terminal of `papermill notebooks/phase3.ipynb ...`. The pipeline holds the lock of the
+run directory and of its control directory throughout (RunDirectory.lock), so two pipelines
+never train the same run at once. `install_error_display` makes the notebooks show physlm's
+own errors (a bad parameter, missing data, a failed stage) as one line instead of a traceback.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
+import mimetypes
 import re
+import sys
 import time
 import types
 import typing
@@ -33,6 +44,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from physlm.config import ALIASES, KEYS, Config, from_flat, load_config
+from physlm.progress import follow, say
 from physlm.runs import RunDirectory, default_run_dir
 from physlm.values import ConfigError, coerce, suggest
 
@@ -40,6 +52,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
 # Stage kernels log errors only: their start-up warnings would land in the caller's output.
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+REPORT_TAG = "report"  # the analysis notebook's cell that displays the report (the HTML page)
 
 
 @dataclass
@@ -127,13 +140,13 @@ def run_stage(name: str, notebook: str | Path, run_dir: str | Path,
 
     The copy is <run_dir>/notebooks/<notebook name>, written also when the stage fails.
     """
+    start = time.perf_counter()
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     output = RunDirectory(run_dir).notebooks / Path(notebook).name
     output.parent.mkdir(parents=True, exist_ok=True)
-    print(f"{name}: running (executed notebook: {output})")
-    start = time.perf_counter()
+    say(f"{name}: running (executed notebook: {output})")
     try:
         papermill.execute_notebook(str(notebook), str(output), parameters=parameters,
                                    kernel_name="python3", progress_bar=False, log_output=False,
@@ -142,7 +155,7 @@ def run_stage(name: str, notebook: str | Path, run_dir: str | Path,
         raise StageError(name, error.ename, error.evalue, output) from None
     except Exception as error:  # the kernel died or did not start, a timeout, ...
         raise StageError(name, type(error).__name__, str(error), output) from error
-    print(f"{name}: done in {time.perf_counter() - start:.0f}s")
+    say(f"{name}: done in {time.perf_counter() - start:.0f}s")
     return output
 
 
@@ -154,25 +167,35 @@ def train_run(config: Config, run_dir: str | Path, label: str = "") -> None:
     for stage, stage_config, until in (("warmup", config, config.physics.physics_start_epoch),
                                        ("physics", rest, config.train.epochs)):
         if stage_done(stage_config, run_dir, until):
-            print(f"{label}{stage}: done already ({until} epochs in {run_dir}), reused")
-        else:
+            say(f"{label}{stage}: done already ({until} epochs in {run_dir}), reused")
+            continue
+        with (follow(run_dir, f"{label}{stage}", config.train.epochs, until)
+              if config.train.progress else contextlib.nullcontext()):
             run_stage(f"{label}{stage}", NOTEBOOKS / f"{stage}.ipynb", run_dir,
                       {"run_dir": str(run_dir), "config_overrides": stage_config.to_flat()})
 
 
 def run_pipeline(config: Config, run_dir: str | Path, options: PipelineOptions) -> Path:
-    """Warmup, physics, control (if options.control_run) and analysis; return the report."""
+    """Warmup, physics, control (if options.control_run) and analysis; return the report.
+
+    The report is reports/<name>.md with its figures, and reports/<name>.html, one page.
+    The run directory and its control directory stay locked until the end: the stage
+    kernels, separate processes, write in them while this process holds the locks.
+    """
     if not NOTEBOOKS.is_dir():
         raise FileNotFoundError(f"stage notebooks not found in {NOTEBOOKS}; the pipeline needs "
                                 "a source checkout (git clone, then pip install -e .)")
-    run_dir = Path(run_dir).resolve()
-    train_run(config, run_dir)
-    if options.control_run:
-        train_run(config.control(), RunDirectory(run_dir).control.root, label="control ")
+    run = RunDirectory(Path(run_dir).resolve())
     report_dir = Path(options.report_dir).resolve()
-    run_stage("analysis", NOTEBOOKS / "analysis.ipynb", run_dir,
-              {"run_dir": str(run_dir), "report_dir": str(report_dir)})
-    return report_dir / f"{RunDirectory(run_dir).name}.md"
+    with run.lock(), run.control.lock():
+        train_run(config, run.root)
+        if options.control_run:
+            train_run(config.control(), run.control.root, label="control ")
+        executed = run_stage("analysis", NOTEBOOKS / "analysis.ipynb", run.root,
+                             {"run_dir": str(run.root), "report_dir": str(report_dir)})
+    report = report_dir / f"{run.name}.md"
+    say(f"analysis: wrote {report} and {write_html_report(executed, report.with_suffix('.html'))}")
+    return report
 
 
 # ------------------------------------------------------------------ report
@@ -181,3 +204,98 @@ def report_figures(report_path: str | Path) -> list[Path]:
     report_path = Path(report_path)
     links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", report_path.read_text(encoding="utf-8"))
     return [report_path.parent / unquote(link) for link in links]
+
+
+def inline_figures(markdown: str, base_dir: str | Path) -> str:
+    """`markdown` with its local image links (`![caption](path)`, relative to `base_dir`)
+    replaced by data URIs, so that the text alone holds its figures."""
+    def embed(match: re.Match[str]) -> str:
+        caption, link = match.groups()
+        path = Path(base_dir) / unquote(link)
+        if re.match(r"[a-z][a-z0-9+.-]*:", link, re.I) or not path.is_file():
+            return match.group(0)  # a URL (http:, data:) or a missing file stays a link
+        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f"![{caption}](data:{kind};base64,{data})"
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", embed, markdown)
+
+
+# nbconvert's JupyterLab page without its scripts, which load require.js and MathJax from
+# the web: the report needs none, and MathJax would typeset any text between two "$".
+HTML_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
+def write_html_report(executed: str | Path, path: str | Path) -> Path:
+    """Write the report displayed by an executed analysis notebook as one HTML page.
+
+    The page is the output of the cells tagged REPORT_TAG (the report, figures embedded by
+    `inline_figures`), without code or prompts and without scripts: one file that works
+    offline, to open or send.
+    """
+    import jinja2
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    notebook = nbformat.read(executed, as_version=4)
+    notebook.cells = [cell for cell in notebook.cells
+                      if REPORT_TAG in cell.metadata.get("tags", [])] or notebook.cells
+    exporter = HTMLExporter(
+        exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True,
+        template_file="physlm_report.html.j2",
+        extra_loaders=[jinja2.DictLoader({"physlm_report.html.j2": HTML_TEMPLATE})])
+    path = Path(path)
+    body, _ = exporter.from_notebook_node(
+        notebook, resources={"metadata": {"name": f"physlm report: {path.stem}"}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------ errors in notebooks
+def one_line(message: str) -> str:
+    """A multi-line error message as one line (`a:\n  b\n  c` -> `a: b; c`)."""
+    parts = [part.strip() for part in str(message).splitlines() if part.strip()]
+    text = parts[0] if parts else ""
+    for part in parts[1:]:
+        text += (" " if text.endswith(":") else "; ") + part
+    return text
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """physlm's errors whose message says everything: shown without a traceback."""
+    from physlm.checkpoint import CheckpointError
+    from physlm.data import DataError
+    from physlm.files import NotWritableError
+    from physlm.runs import RunBusyError, RunConflictError
+
+    return (ConfigError, DataError, RunConflictError, RunBusyError, NotWritableError,
+            CheckpointError, StageError)
+
+
+def install_error_display(shell: Any = None) -> bool:
+    """Make IPython show physlm's own errors (`user_errors`) as one line, `physlm: <message>`,
+    in the notebook and in the error papermill reports in its terminal; other errors keep their
+    traceback (and `%tb` still prints the full one). Returns whether a shell was found."""
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return False
+        shell = get_ipython()
+    if shell is None:
+        return False
+
+    def show(shell: Any, etype: type, value: BaseException, tb: Any,
+             tb_offset: int | None = None) -> list[str]:
+        sys.last_type, sys.last_value, sys.last_traceback = etype, value, tb  # for %tb
+        sys.last_exc = value
+        stb = [f"physlm: {one_line(str(value))}"]
+        shell._showtraceback(etype, value, stb)  # what IPython's showtraceback ends with
+        return stb
+
+    shell.set_custom_exc(user_errors(), show)
+    return True

@@ -15,7 +15,9 @@
 The trainer writes through `RunDirectory`; the report, plots, pipeline and
 notebooks read a finished (or unfinished) run as one typed `RunData`: the
 configuration as a `Config`, env.json as a dict, the metrics as DataFrames.
-Metrics files are append-only JSON lines (physlm.files).
+Metrics files are append-only JSON lines (physlm.files). Nothing is created before the
+first file is written (`create`). One process writes at a time: `RunDirectory.lock()`
+(physlm.lock) is held by the command-line trainer and the pipeline; readers need not.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +35,16 @@ import pandas as pd
 from physlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from physlm.config import RESUMABLE, WARMUP_INVARIANT, Config
 from physlm.files import (
+    NotWritableError,
     append_jsonl,
     atomic_write_bytes,
     atomic_write_text,
     read_jsonl,
+    why_not_writable,
     write_jsonl,
 )
+from physlm.lock import RunBusyError as RunBusyError  # raised by RunDirectory.lock()
+from physlm.lock import run_lock
 
 
 class RunConflictError(RuntimeError):
@@ -78,8 +85,16 @@ class RunDirectory:
     def holds_run(self) -> bool:
         return self.config.exists() or self.steps.exists() or self.checkpoint.exists()
 
+    def check_writable(self) -> None:
+        """Fail early and clearly when the directory could not be made; creates nothing."""
+        reason = why_not_writable(self.root)
+        if reason:
+            raise NotWritableError(f"run directory {self.root} is not writable ({reason}); "
+                                   "choose another run_dir")
+
     def create(self) -> RunDirectory:
         """Make the directory tree, failing early and clearly when it is not writable."""
+        self.check_writable()
         try:
             for folder in (self.root, self.steps.parent, self.checkpoint.parent):
                 folder.mkdir(parents=True, exist_ok=True)
@@ -87,9 +102,16 @@ class RunDirectory:
             probe.write_text("")
             probe.unlink()
         except OSError as error:
-            raise PermissionError(f"run directory {self.root} is not writable ({error}); "
-                                  "choose another run_dir") from error
+            raise NotWritableError(f"run directory {self.root} is not writable ({error}); "
+                                   "choose another run_dir") from error
         return self
+
+    def lock(self, description: str | None = None) -> AbstractContextManager[None]:
+        """Hold the directory for writing (physlm.lock): RunBusyError at once if another
+        process does; re-entrant within one process. Creates the folder, which is removed
+        again if nothing was written to it."""
+        self.check_writable()
+        return run_lock(self.root, description)
 
     def clear(self) -> None:
         """Delete the run's files (overwrite: true); executed notebooks and control stay."""
@@ -129,10 +151,11 @@ class RunDirectory:
     # ------------------------------------------------------------ the fresh/resume decision
     def prepare(self, config: Config) -> None:
         """Make the directory ready for `config`: cleared (overwrite), or checked for resume.
+        A new run's directory is only checked: it is created with its first file.
 
         Raises RunConflictError when it holds a run that `config` may not continue.
         """
-        self.create()
+        self.check_writable()
         if not self.holds_run:
             return
         if config.train.overwrite:
@@ -189,7 +212,9 @@ class RunDirectory:
 
     # ------------------------------------------------------------ metrics
     def start_metrics(self, initial: dict[str, Any]) -> None:
-        """Fresh metrics, beginning with the untrained model's validation."""
+        """Fresh metrics, beginning with the untrained model's validation (the first write
+        of a new run: the directory tree is created here)."""
+        self.create()
         for path in (self.steps, self.epochs):
             path.unlink(missing_ok=True)
         atomic_write_text(self.initial, json.dumps(initial, indent=2))

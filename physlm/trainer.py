@@ -132,7 +132,8 @@ class Trainer:
         self.model.train()
         self.carry = None if self.batch_in_epoch == 0 else self.carry   # streams restart
         batches = train_batches(self.corpus.train, data.batch_size, config.train.seed,
-                                self.epoch, data.max_train_batches, start=self.batch_in_epoch)
+                                self.epoch, data.max_train_batches, start=self.batch_in_epoch,
+                                batching=data.batching)
         bar = tqdm(batches, total=self.batches_per_epoch, initial=self.batch_in_epoch,
                    desc=f"epoch {self.epoch + 1}/{config.train.epochs} {config.phase(self.epoch)}",
                    disable=not config.train.progress or self.rank != 0, leave=False)
@@ -235,7 +236,8 @@ class Trainer:
         # Sums over batches (each process takes every world-th batch): token-weighted
         # loss, tokens, per-batch losses, batches.
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)
-        batches = eval_batches(self.corpus.valid, data.batch_size, data.max_eval_batches)
+        batches = eval_batches(self.corpus.valid, data.batch_size, data.max_eval_batches,
+                               batching=data.batching)
         state = None
         for index, (x, y) in enumerate(batches):
             if index % self.world != self.rank:

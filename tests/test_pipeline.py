@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import nbformat
-import papermill
 import pytest
 import yaml
 
-from physlm import pipeline
+from physlm import pipeline, progress
 from physlm.config import KEYS, Config, ConfigError, from_flat
-from physlm.pipeline import PIPELINE_KEYS, PipelineOptions, StageError
+from physlm.files import append_jsonl, read_jsonl
+from physlm.pipeline import PIPELINE_KEYS, StageError
 from physlm.report import fmt
-from physlm.files import read_jsonl
-from physlm.runs import RunDirectory
+from physlm.runs import RunBusyError, RunDirectory, default_run_dir
 from physlm.trainer import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -48,24 +52,21 @@ def test_notebooks_are_clean_and_parameterised(name):
     assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
 
 
-def test_phase3_parameters_cell_lists_every_setting_with_the_package_default():
-    """Each config key is `name = None  # type, package default <literal>` (Config() value)."""
+def test_phase3_parameters_cell_names_every_setting_once_and_points_to_the_defaults():
+    """Each setting is one line `name = None  # what it is`; the defaults live in physlm/config.py
+    (and PipelineOptions), which the cell points to instead of restating them."""
     source = parameters_cell("phase3")
     assigned = {node.targets[0].id: node.value for node in ast.parse(source).body}
     assert set(assigned) == set(KEYS) | set(PIPELINE_KEYS), "the cell must name every setting"
     assert all(isinstance(v, ast.Constant) and v.value is None for v in assigned.values())
-
-    defaults = {**Config().to_flat(), **vars(PipelineOptions())}
-    documented = {}
-    for line in source.splitlines():
-        match = re.match(r"(\w+) = None  # .*?(package|pipeline) default (.+?)(?: \(.*\))?$", line)
-        if match:
-            name, kind, literal = match.groups()
-            assert (kind == "package") == (name in KEYS), line
-            documented[name] = ast.literal_eval(literal)
-    assert set(documented) == set(KEYS) | {"control_run", "report_dir"}
-    for name, value in documented.items():
-        assert value == defaults[name] and type(value) is type(defaults[name]), name
+    lines = [line for line in source.splitlines() if re.match(r"\w+ = ", line)]
+    assert len(lines) == len(assigned)
+    for line in lines:
+        assert re.fullmatch(r"\w+ = None  # \S.*", line), f"one comment saying what it is: {line}"
+        assert not re.search(r"(package|pipeline) default", line), f"restates a default: {line}"
+        assert len(line) <= 100, line
+    assert "physlm/config.py" in source and "PipelineOptions" in source
+    assert re.search(r"run_dir = None  # .*runs/<name>", source)
 
 
 # ------------------------------------------------------------------ parameters
@@ -102,7 +103,8 @@ def test_resolve_precedence_and_run_dir(monkeypatch, tmp_path):
 
     _, run_dir, options = pipeline.resolve({"run_dir": tmp_path / "x"})
     assert run_dir == tmp_path / "x" and options.control_run is True
-    assert pipeline.resolve({})[1] == REPO_ROOT / "runs" / "phase3"
+    assert pipeline.resolve({})[1] == REPO_ROOT / default_run_dir(Config())
+    assert pipeline.resolve({"name": "x"})[1] == REPO_ROOT / "runs" / "x"
 
 
 # ------------------------------------------------------------------ stages
@@ -153,15 +155,156 @@ def test_failing_stage_names_the_stage_and_keeps_its_notebook(tmp_path, tiny_con
     assert any(o.output_type == "error" and o.ename == "DataError" for o in outputs)
 
 
+def test_the_pipeline_holds_the_run_and_control_locks_for_all_stages(tmp_path, tiny_config,
+                                                                     monkeypatch):
+    run = RunDirectory(tmp_path / "run")
+    held = []
+
+    def stage(name, notebook, run_dir, parameters):
+        held.append((name, (run.root / ".lock.holder").read_text().split()[0],
+                     (run.control.root / ".lock.holder").read_text().split()[0]))
+        return run.notebooks / Path(notebook).name
+
+    monkeypatch.setattr(pipeline, "run_stage", stage)
+    monkeypatch.setattr(pipeline, "write_html_report", lambda executed, path: path)
+    options = pipeline.PipelineOptions(report_dir=str(tmp_path / "reports"))
+    pipeline.run_pipeline(tiny_config(), run.root, options)
+    me = str(os.getpid())
+    assert held == [(name, me, me) for name in ("warmup", "physics", "control warmup",
+                                                "control physics", "analysis")]
+    assert not (run.root / ".lock.holder").exists()  # released
+
+    # Another process holding the run: the pipeline stops at once, naming it.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from physlm.runs import RunDirectory\n"
+         f"with RunDirectory({str(run.root)!r}).lock():\n print('held', flush=True); "
+         "time.sleep(60)"], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        held.clear()
+        with pytest.raises(RunBusyError, match=rf"in use by process {holder.pid}"):
+            pipeline.run_pipeline(tiny_config(), run.root, options)
+        assert held == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ------------------------------------------------------------------ progress
+def epoch_record(epoch: int, phase: str = "physics") -> dict:
+    return {"epoch": epoch, "phase": phase, "train_loss": 6.0, "val_ppl": 1403.4288,
+            "drift": 0.1 if phase == "physics" else None, "lambda": 0.05, "time_s": 10.0 * epoch}
+
+
+def test_progress_reports_each_new_epoch_record_while_a_stage_runs(tmp_path, capsys):
+    run = RunDirectory(tmp_path / "run")
+    run.epochs.parent.mkdir(parents=True)
+    append_jsonl(run.epochs, [epoch_record(0, "warmup")])  # an earlier stage's: not reported
+
+    def stage():  # the stage kernel appending epoch records, one torn while being written
+        time.sleep(0.05)
+        append_jsonl(run.epochs, [epoch_record(1)])
+        with open(run.epochs, "a") as handle:
+            handle.write('{"epoch": 2, "phase": "phys')
+            handle.flush()
+            time.sleep(0.05)
+            handle.write('ics", "train_loss": 5.5, "val_ppl": 900.0, "drift": 0.2, '
+                         '"lambda": 0.06, "time_s": 30.0}\n')
+        time.sleep(0.05)
+
+    with progress.follow(run.root, "physics", epochs=3, until_epoch=3, poll_s=0.01) as tail:
+        writer = threading.Thread(target=stage)
+        writer.start()
+        writer.join()
+        assert tail.lines, "reported while the stage runs"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == tail.lines and len(printed) == 2
+    assert re.fullmatch(r"physics: epoch 2/3  train loss 6\.0000  val PPL 1,403\.43  drift 0\.1  "
+                        r"lambda 0\.05  elapsed 0:0\d  ETA 0:10", printed[0]), printed[0]
+    assert re.fullmatch(r"physics: epoch 3/3  train loss 5\.5000  val PPL 900\.00  drift 0\.2  "
+                        r"lambda 0\.06  elapsed 0:0\d  ETA 0:00", printed[1]), printed[1]
+    line = progress.epoch_line("warmup", epoch_record(0, "warmup"), 10, 4, 3725, 600)
+    assert line.endswith("drift -  lambda 0.05  elapsed 1:02:05  ETA 30:00"), line
+
+
+def test_train_run_follows_each_training_stage(tmp_path, tiny_config, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline, "run_stage", _in_process_stage([]))
+    pipeline.train_run(tiny_config(progress=True), tmp_path / "run", label="x ")
+    out = capsys.readouterr().out
+    assert [line.split("  ")[0] for line in out.splitlines() if "  train loss" in line] == [
+        "x warmup: epoch 1/3", "x physics: epoch 2/3", "x physics: epoch 3/3"]
+
+
+# ------------------------------------------------------------------ the HTML report
+def test_inline_figures_embeds_local_images_only(tmp_path):
+    (tmp_path / "my run").mkdir()
+    (tmp_path / "my run" / "a b.png").write_bytes(b"\x89PNG fake")
+    text = ("# R\n\n![Loss, per epoch](my%20run/a%20b.png)\n\n![web](https://x.org/y.png)\n\n"
+            "![gone](missing.png) and [a link](my%20run/a%20b.png)\n")
+    inlined = pipeline.inline_figures(text, tmp_path)
+    assert "![Loss, per epoch](data:image/png;base64,iVBORyBmYWtl)" in inlined
+    assert "![web](https://x.org/y.png)" in inlined and "![gone](missing.png)" in inlined
+    assert "[a link](my%20run/a%20b.png)" in inlined
+
+
+def test_html_report_is_the_report_cell_output_without_code(tmp_path):
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("print('analysis tables')", outputs=[
+            nbformat.v4.new_output("stream", name="stdout", text="analysis tables\n")]),
+        nbformat.v4.new_code_cell("Markdown(report_text)", metadata={"tags": ["report"]},
+                                  outputs=[nbformat.v4.new_output("execute_result", data={
+                                      "text/markdown": "# physlm report: r\n\n## Summary\n\n"
+                                      "| a | b |\n| --- | --: |\n| x | 1 |\n\n"
+                                      "![Loss](data:image/png;base64,iVBORw0KGgo=)\n",
+                                      "text/plain": "<Markdown>"}, execution_count=7)])])
+    executed = tmp_path / "analysis.ipynb"
+    nbformat.write(notebook, executed)
+    html = pipeline.write_html_report(executed, tmp_path / "reports" / "r.html").read_text()
+    assert re.search(r"<h1[^>]*>physlm report: r", html) and re.search(r"<h2[^>]*>Summary", html)
+    assert 'src="data:image/png;base64,iVBORw0KGgo="' in html and "<table>" in html
+    assert "<title>physlm report: r</title>" in html and "<script src=" not in html
+    for absent in ("analysis tables", "Markdown(report_text)", "[7]"):
+        assert absent not in html, absent
+
+
 # ------------------------------------------------------------------ end to end
+def papermill_command(*arguments: str) -> subprocess.CompletedProcess:
+    """Run the papermill command as a user does (its terminal output captured), from the repo.
+
+    Without PYTEST_CURRENT_TEST in their environment the kernels capture their output as under
+    a terminal (ipykernel leaves it alone inside pytest)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTEST_CURRENT_TEST"}
+    return subprocess.run([sys.executable, "-m", "papermill", *arguments], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=1800)
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """The rows of the markdown tables in `markdown` as cells, by their first cell."""
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in markdown.splitlines() if line.startswith("|")]
+    return {cells[0]: cells[1:] for cells in rows}
+
+
 @pytest.mark.slow
 def test_phase3_notebook_runs_the_whole_pipeline_on_the_smoke_parameters(tmp_path, monkeypatch):
     run_dir, report_dir = tmp_path / "run", tmp_path / "reports"
     executed = tmp_path / "phase3.ipynb"
-    papermill.execute_notebook(
-        str(NOTEBOOKS / "phase3.ipynb"), str(executed),
-        parameters={**SMOKE, "run_dir": str(run_dir), "report_dir": str(report_dir)},
-        kernel_name="python3", progress_bar=False, cwd=str(REPO_ROOT))
+    result = papermill_command(
+        str(NOTEBOOKS / "phase3.ipynb"), str(executed), "-p", "params_file", "params/smoke.yaml",
+        "-p", "run_dir", str(run_dir), "-p", "report_dir", str(report_dir))
+    terminal = (result.stdout + result.stderr).replace("\r", "\n")  # progress bars: \r
+    assert result.returncode == 0, terminal[-3000:]
+
+    # The terminal of the papermill command shows every stage and one line per epoch.
+    for label, epochs in (("warmup", [1]), ("physics", [2, 3]), ("control warmup", [1]),
+                          ("control physics", [2, 3])):
+        assert re.search(rf"^{label}: running \(executed notebook: ", terminal, re.M), label
+        for epoch in epochs:
+            line = re.search(rf"^{label}: epoch {epoch}/3  train loss [\d.]+  val PPL [\d,.]+  "
+                             r"drift \S+  lambda \S+  elapsed \d+:\d\d  ETA \d+:\d\d$",
+                             terminal, re.M)
+            assert line, (label, epoch, terminal[-3000:])
+    assert "analysis: running" in terminal and "Traceback" not in terminal
 
     main, control = RunDirectory(run_dir), RunDirectory(run_dir).control
     for run, stages in ((main, ("warmup", "physics", "analysis")),
@@ -170,6 +313,7 @@ def test_phase3_notebook_runs_the_whole_pipeline_on_the_smoke_parameters(tmp_pat
             assert path.is_file(), path
         for stage in stages:
             assert (run.notebooks / f"{stage}.ipynb").is_file(), (run.root, stage)
+    assert not (run_dir / ".lock.holder").exists()  # the pipeline's lock is released
     saved = yaml.safe_load(main.config.read_text())
     assert {key: saved[key] for key in SMOKE} == SMOKE
     assert yaml.safe_load(control.config.read_text()) == {**saved, "energy_penalty": False}
@@ -187,18 +331,29 @@ def test_phase3_notebook_runs_the_whole_pipeline_on_the_smoke_parameters(tmp_pat
     assert len(figures) >= 4 and all(f.is_file() and f.parent == report_dir / "run"
                                      for f in figures)
     last, control_last = epochs[-1], control_epochs[-1]
-    assert f"Final validation perplexity: {fmt(last['val_ppl'])} against " \
-           f"{fmt(control_last['val_ppl'])} for the control run" in text
+    assert f"Validation perplexity: final {fmt(last['val_ppl'], 'ppl')}" in text
+    assert f"the control's final {fmt(control_last['val_ppl'], 'ppl')}" in text
+    rows = table_rows(text)
     for name, record in (("run", last), ("control", control_last)):
-        row = (f"| {name} | {len(epochs)} | {fmt(record['val_loss'])} | {fmt(record['val_ppl'])}"
-               f" | {fmt(record['val_ppl_batch_mean'])} |")
-        assert row in text
+        assert rows[name][:4] == [str(len(epochs)), fmt(record["val_loss"], "loss"),
+                                  fmt(record["val_ppl"], "ppl"),
+                                  fmt(record["val_ppl_batch_mean"], "ppl")], rows[name]
 
-    # The entry notebook shows the report path and two figures.
+    # The HTML page: the report with its figures embedded, no code.
+    html = report.with_suffix(".html").read_text(encoding="utf-8")
+    for heading in ("physlm report: run", "Summary", "Final results vs. control", "Provenance"):
+        assert re.search(rf"<h[12][^>]*>{re.escape(heading)}", html), heading
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', html)) == len(figures)
+    assert "<script src=" not in html
+    assert "write_report" not in html and "inline_figures" not in html
+    assert 'class="jp-InputArea' not in html and "In&nbsp;[" not in html
+
+    # The entry notebook shows the report path and two figures, and the epoch lines.
     notebook = nbformat.read(executed, as_version=4)
     outputs = [o for c in notebook.cells for o in c.get("outputs", [])]
     assert any(f"report: {report.resolve()}" in o.get("text", "") for o in outputs)
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
+    assert any("physics: epoch 3/3  train loss" in o.get("text", "") for o in outputs)
 
     # Running the stages again reuses everything: no stage notebook is executed.
     def no_stage(*args, **kwargs):

@@ -26,8 +26,8 @@ import yaml
 from physlm.__main__ import main
 from physlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from physlm.config import from_flat
-from physlm.fixture import fixture_dir
 from physlm.files import append_jsonl, read_jsonl
+from physlm.fixture import fixture_dir
 from physlm.runs import RunDirectory
 from physlm.trainer import Trainer, train
 

@@ -1,0 +1,123 @@
+"""One writer per run directory: an OS-level lock that a dying process cannot leave behind.
+
+`run_lock(root)` holds `<root>/.lock` (flock, through the filelock package) and records
+the holder's PID and command in `<root>/.lock.holder`, so that a second writer fails at
+once with `RunBusyError` naming the holder. The operating system releases the lock when
+its process dies, even by SIGKILL: a stale `.lock.holder` is overwritten by the next one.
+
+Who holds it: the command-line trainer (`python -m physlm train`) and the notebook
+pipeline (across all its stages, for the run and its control), never the trainer itself:
+the pipeline's stage kernels are other processes that train while the pipeline holds the
+lock. Readers (`physlm report`) do not take it. Within one process the lock is
+re-entrant: taking it again for the same directory only counts, and the last exit
+releases it. A directory that the lock created and that is still empty at release (the
+run failed before writing anything) is removed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import filelock
+
+from physlm.files import atomic_write_text
+
+LOCK_NAME, HOLDER_NAME = ".lock", ".lock.holder"
+_held: dict[Path, list] = {}  # resolved root -> [FileLock, depth, folders it created]
+_guard = threading.Lock()
+
+
+class RunBusyError(RuntimeError):
+    """Another process holds the run directory."""
+
+
+def this_command() -> str:
+    """The command line of this process, as typed ("python -m physlm train ..."), shortened."""
+    text = shlex.join(["python", *getattr(sys, "orig_argv", sys.argv)[1:]])
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        pass
+    return True
+
+
+def holder(root: str | Path, patience: float = 1.0) -> str:
+    """Who holds the lock of `root`, as its holder file says. A holder that has just taken
+    the lock may not have written it yet, over that of a dead one: wait for it a little."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            pid, _, command = (Path(root) / HOLDER_NAME).read_text().strip().partition(" ")
+        except OSError:
+            pid, command = "", ""
+        if pid.isdigit() and _alive(int(pid)):
+            return f"process {pid} ({command})"
+        if time.monotonic() > deadline:
+            return "another process"
+        time.sleep(0.02)
+
+
+def _acquire(key: Path, shown: Path, description: str | None) -> list:
+    created = [folder for folder in (key, *key.parents) if not folder.exists()][::-1]
+    key.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(key / LOCK_NAME, timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise RunBusyError(f"{shown} is in use by {holder(key)}; wait for it to finish, or "
+                           "stop it, then run again") from None
+    try:
+        atomic_write_text(key / HOLDER_NAME, f"{os.getpid()} {description or this_command()}\n")
+    except BaseException:
+        lock.release()
+        raise
+    return [lock, 1, created]
+
+
+def _release(key: Path, lock: filelock.FileLock, created: list[Path]) -> None:
+    try:
+        (key / HOLDER_NAME).unlink(missing_ok=True)
+        if created and os.listdir(key) == [LOCK_NAME]:  # nothing was written: leave nothing
+            (key / LOCK_NAME).unlink()  # while held: a waiter on this inode sees it unlinked
+            for folder in reversed(created):
+                folder.rmdir()
+    except OSError:
+        pass  # someone else wrote there meanwhile: it stays
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def run_lock(root: str | Path, description: str | None = None) -> Iterator[None]:
+    """Hold `root` for writing (creating the folder); RunBusyError if another process does.
+
+    `description` (default: this process's command line) is shown to the processes that
+    find the directory busy."""
+    key = Path(root).resolve()
+    with _guard:
+        if key in _held:
+            _held[key][1] += 1
+        else:
+            _held[key] = _acquire(key, Path(root), description)
+    try:
+        yield
+    finally:
+        with _guard:
+            entry = _held[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held[key]
+                _release(key, entry[0], entry[2])

@@ -1,0 +1,147 @@
+"""The command line's errors: one `physlm: <label>: <message>` line on stderr, and an exit
+code (2 for input, 1 for the run or the file system), never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from physlm.__main__ import _known_error, _one_line, main
+from physlm.config import from_flat
+
+from .conftest import TINY
+
+
+def _one_error_line(capsys) -> str:
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("physlm: "), f"expected one line, got {err!r}"
+    return lines[0]
+
+
+def _params(tmp_path: Path, content: str | bytes | None = None) -> Path:
+    path = tmp_path / "params.yaml"
+    if content is None:
+        content = yaml.safe_dump(TINY, sort_keys=False)
+    path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    return path
+
+
+def _train(tmp_path: Path, *extra: str, params: Path | None = None) -> int:
+    params = params or _params(tmp_path)
+    return main(["train", "--params", str(params), "--run-dir", str(tmp_path / "run"), *extra])
+
+
+def _a_file(tmp_path: Path) -> Path:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    return blocker
+
+
+def _saved_run(tmp_path: Path) -> Path:
+    """A run directory as the report sees one: it has a config.yaml."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    from_flat(TINY).save(run_dir / "config.yaml")
+    return run_dir
+
+
+# --- physlm report ---------------------------------------------------------------------------
+
+def test_report_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "--out-dir", str(tmp_path / "out")]) == 2
+    err = _one_error_line(capsys)
+    assert err.startswith("physlm: not a run directory: ") and "no config.yaml" in err
+
+
+def test_report_into_an_unwritable_out_dir(tmp_path, capsys):
+    """A path under a regular file binds root too (modes do not)."""
+    out_dir = _a_file(tmp_path) / "reports"
+    assert main(["report", str(_saved_run(tmp_path)), "--out-dir", str(out_dir)]) == 1
+    err = _one_error_line(capsys)
+    assert err.startswith("physlm: cannot write: ") and "not a directory" in err
+    assert "--out-dir" in err and "permission denied" not in err
+
+
+@pytest.mark.parametrize("content", [b"\x00\xff\xfe garbage", "epochs: [1,\n", "- a list\n",
+                                     "d_model: 16\nno_such_setting: 3\n"],
+                         ids=["binary", "malformed-yaml", "a-list", "unknown-key"])
+def test_report_on_a_damaged_config(tmp_path, capsys, content):
+    run_dir = _saved_run(tmp_path)
+    config = run_dir / "config.yaml"
+    config.write_bytes(content.encode() if isinstance(content, str) else content)
+    assert main(["report", str(run_dir), "--out-dir", str(tmp_path / "out")]) == 1
+    err = _one_error_line(capsys)
+    assert err.startswith("physlm: damaged run directory: ") and str(config) in err
+    assert not (tmp_path / "out").exists()
+
+
+# --- physlm train: input -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"epochs: 2\nname: caf\xe9\n", "is not UTF-8 text (undecodable byte at offset 19)"),
+    ("- epochs\n- 2\n", "must hold a mapping"),
+    ("epochs: [2,\n", "is not valid YAML"),
+], ids=["not-utf8", "a-list", "malformed-yaml"])
+def test_bad_params_file(tmp_path, capsys, content, expected):
+    assert _train(tmp_path, params=_params(tmp_path, content)) == 2
+    err = _one_error_line(capsys)
+    assert err.startswith("physlm: configuration error: ") and expected in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device", ["cudaX", "cuda:", "cuda:x", "gpu", "cpu0"])
+def test_invalid_device_string(tmp_path, capsys, device):
+    assert _train(tmp_path, "--set", f"device='{device}'") == 2  # quoted: text, as YAML reads it
+    assert "device must be 'auto', 'cpu' or 'cuda[:N]'" in _one_error_line(capsys)
+
+
+def test_valid_device_strings_pass_validation():
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        assert from_flat({"device": device}).train.device == device
+
+
+def test_negative_until_epoch_is_refused(tmp_path, capsys):
+    assert _train(tmp_path, "--until-epoch", "-1") == 2
+    err = _one_error_line(capsys)
+    assert err.startswith("physlm: invalid argument: --until-epoch must be >= 0")
+    assert not (tmp_path / "run").exists()
+
+
+# --- physlm train: the file system -------------------------------------------------------------
+
+def test_run_dir_under_a_regular_file_is_not_called_permission_denied(tmp_path, capsys):
+    run_dir = _a_file(tmp_path) / "run"
+    params = _params(tmp_path)
+    assert main(["train", "--params", str(params), "--run-dir", str(run_dir)]) == 1
+    err = _one_error_line(capsys)
+    assert err.startswith("physlm: cannot write: ") and "not a directory" in err
+    assert "choose another run_dir" in err and "permission denied" not in err
+
+
+def test_missing_data_file_leaves_no_run_directory(tmp_path, capsys):
+    """The data is loaded before anything is written: a failed start leaves nothing behind,
+    not even the folders above the run directory or its lock."""
+    params = _params(tmp_path)
+    run_dir = tmp_path / "runs" / "nested" / "run"
+    code = main(["train", "--params", str(params), "--run-dir", str(run_dir),
+                 "--set", f"train_file={tmp_path / 'missing.raw'}",
+                 "--set", f"valid_file={tmp_path / 'missing.raw'}"])
+    assert code == 2
+    assert "train_file: file not found" in _one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("error", "label", "message"), [
+    (NotADirectoryError(20, "Not a directory", "/x/f/run"), "not a directory", "/x/f/run"),
+    (OSError(28, "No space left on device", "/r/last.pt"), "no space left on device",
+     "/r/last.pt"),
+    (PermissionError(13, "Permission denied", "/a", None, "/b"), "permission denied",
+     "/a -> /b"),
+])
+def test_os_errors_are_labelled_by_what_they_are(error, label, message):
+    assert _known_error(error) == (label, 1)
+    assert _one_line(error) == message
