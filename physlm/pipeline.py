@@ -38,12 +38,14 @@ import time
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 from physlm.config import ALIASES, KEYS, Config, from_flat, load_config
+from physlm.pool import threads_per_worker
 from physlm.progress import follow, say
 from physlm.runs import RunDirectory, default_run_dir
 from physlm.values import ConfigError, coerce, suggest
@@ -63,6 +65,7 @@ class PipelineOptions:
     run_dir: str | None = None       # default runs/<name> (Config.run_name)
     control_run: bool = True         # also train the physics-off baseline in <run_dir>/control
     report_dir: str = "reports"
+    workers: int = 1                 # 2: the physics stages of run and control side by side
 
 
 PIPELINE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PipelineOptions))
@@ -159,20 +162,53 @@ def run_stage(name: str, notebook: str | Path, run_dir: str | Path,
     return output
 
 
+def train_stage(stage: str, config: Config, run_dir: Path, label: str = "",
+                threads: int | None = None) -> None:
+    """One training stage ("warmup" or "physics") of a run; skipped when its epochs are done.
+
+    overwrite and resume: false apply to the run's start; the physics stage continues it.
+    """
+    if stage == "physics":
+        config = from_flat({**config.to_flat(), "overwrite": False, "resume": True})
+    until = config.physics.physics_start_epoch if stage == "warmup" else config.train.epochs
+    if stage_done(config, run_dir, until):
+        say(f"{label}{stage}: done already ({until} epochs in {run_dir}), reused")
+        return
+    with (follow(run_dir, f"{label}{stage}", config.train.epochs, until)
+          if config.train.progress else contextlib.nullcontext()):
+        run_stage(f"{label}{stage}", NOTEBOOKS / f"{stage}.ipynb", run_dir,
+                  {"run_dir": str(run_dir), "config_overrides": config.to_flat(),
+                   "torch_threads": threads})
+
+
 def train_run(config: Config, run_dir: str | Path, label: str = "") -> None:
-    """The warmup and physics stages of one run; a stage whose epochs are done is skipped."""
-    run_dir = Path(run_dir)
-    # overwrite and resume: false apply to the run's start; the physics stage continues it.
-    rest = from_flat({**config.to_flat(), "overwrite": False, "resume": True})
-    for stage, stage_config, until in (("warmup", config, config.physics.physics_start_epoch),
-                                       ("physics", rest, config.train.epochs)):
-        if stage_done(stage_config, run_dir, until):
-            say(f"{label}{stage}: done already ({until} epochs in {run_dir}), reused")
-            continue
-        with (follow(run_dir, f"{label}{stage}", config.train.epochs, until)
-              if config.train.progress else contextlib.nullcontext()):
-            run_stage(f"{label}{stage}", NOTEBOOKS / f"{stage}.ipynb", run_dir,
-                      {"run_dir": str(run_dir), "config_overrides": stage_config.to_flat()})
+    """The warmup and physics stages of one run, one after the other."""
+    for stage in ("warmup", "physics"):
+        train_stage(stage, config, Path(run_dir), label)
+
+
+def train_with_control(config: Config, run: RunDirectory, workers: int = 1) -> None:
+    """The run and its physics-off control. The control starts from a copy of the run's
+    warmup checkpoint when the warmups are the same (RunDirectory.fork_from), and with
+    `workers` 2 the two post-warmup stages run side by side, each kernel with its share of
+    the cores."""
+    control = config.control()
+    train_stage("warmup", config, run.root)
+    if run.control.fork_from(run, control):
+        say(f"control warmup: forked from the run's warmup ({run.warmup_checkpoint})")
+    else:
+        train_stage("warmup", control, run.control.root, "control ")
+    stages = [(config, run.root, ""), (control, run.control.root, "control ")]
+    if workers < 2:
+        for stage_config, root, label in stages:
+            train_stage("physics", stage_config, root, label)
+        return
+    threads = threads_per_worker(2)
+    with ThreadPoolExecutor(2) as pool:  # each stage is a kernel process; threads only wait
+        futures = [pool.submit(train_stage, "physics", c, root, label, threads)
+                   for c, root, label in stages]
+        for future in futures:
+            future.result()
 
 
 def run_pipeline(config: Config, run_dir: str | Path, options: PipelineOptions) -> Path:
@@ -188,9 +224,10 @@ def run_pipeline(config: Config, run_dir: str | Path, options: PipelineOptions) 
     run = RunDirectory(Path(run_dir).resolve())
     report_dir = Path(options.report_dir).resolve()
     with run.lock(), run.control.lock():
-        train_run(config, run.root)
         if options.control_run:
-            train_run(config.control(), run.control.root, label="control ")
+            train_with_control(config, run, options.workers)
+        else:
+            train_run(config, run.root)
         executed = run_stage("analysis", NOTEBOOKS / "analysis.ipynb", run.root,
                              {"run_dir": str(run.root), "report_dir": str(report_dir)})
     report = report_dir / f"{run.name}.md"

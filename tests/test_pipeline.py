@@ -141,6 +141,29 @@ def test_finished_stages_are_reused_and_an_interrupted_run_resumes(tmp_path, tin
     assert pipeline.stage_done(tiny_config(max_eval_batches=2), run_dir, 3)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_control_forks_from_the_runs_warmup_and_equals_one_from_scratch(
+        tmp_path, tiny_config, monkeypatch, workers):
+    """The control does not train the warmup again: it starts from the run's warmup
+    checkpoint; its metrics equal those of a control trained alone (timing aside)."""
+    calls: list[str] = []
+    monkeypatch.setattr(pipeline, "run_stage", _in_process_stage(calls))
+    config, run = tiny_config(epochs=3, physics_start_epoch=2), RunDirectory(tmp_path / "run")
+    pipeline.train_with_control(config, run, workers=workers)
+    assert sorted(calls) == ["control physics", "physics", "warmup"]
+    assert run.control.read_env()["forked_from"] == {"run": "..", "epoch": 2}
+    assert len(read_jsonl(run.control.epochs)) == len(read_jsonl(run.epochs)) == 3
+    if workers == 2:   # in one process the two stages share torch's RNG: no exact equality
+        return         # (the pipeline runs them in separate kernels; see the smoke test)
+    train(config.control(), tmp_path / "alone")
+    volatile = {"time_s", "tokens_per_s", "val_time_s", "train_time_s"}
+    for name in ("steps", "epochs"):
+        forked, alone = (read_jsonl(getattr(r, name)) for r in (run.control,
+                                                                 RunDirectory(tmp_path / "alone")))
+        assert [{k: v for k, v in r.items() if k not in volatile} for r in forked] == \
+            [{k: v for k, v in r.items() if k not in volatile} for r in alone]
+
+
 def test_failing_stage_names_the_stage_and_keeps_its_notebook(tmp_path, tiny_config):
     run_dir = tmp_path / "run"
     config = tiny_config(data_dir=str(tmp_path / "missing"))
@@ -291,13 +314,13 @@ def test_phase3_notebook_runs_the_whole_pipeline_on_the_smoke_parameters(tmp_pat
     executed = tmp_path / "phase3.ipynb"
     result = papermill_command(
         str(NOTEBOOKS / "phase3.ipynb"), str(executed), "-p", "params_file", "params/smoke.yaml",
-        "-p", "run_dir", str(run_dir), "-p", "report_dir", str(report_dir))
+        "-p", "run_dir", str(run_dir), "-p", "report_dir", str(report_dir), "-p", "workers", "2")
     terminal = (result.stdout + result.stderr).replace("\r", "\n")  # progress bars: \r
     assert result.returncode == 0, terminal[-3000:]
 
     # The terminal of the papermill command shows every stage and one line per epoch.
-    for label, epochs in (("warmup", [1]), ("physics", [2, 3]), ("control warmup", [1]),
-                          ("control physics", [2, 3])):
+    assert re.search(r"^control warmup: forked from the run's warmup", terminal, re.M)
+    for label, epochs in (("warmup", [1]), ("physics", [2, 3]), ("control physics", [2, 3])):
         assert re.search(rf"^{label}: running \(executed notebook: ", terminal, re.M), label
         for epoch in epochs:
             line = re.search(rf"^{label}: epoch {epoch}/3  train loss [\d.]+  val PPL [\d,.]+  "
@@ -308,7 +331,7 @@ def test_phase3_notebook_runs_the_whole_pipeline_on_the_smoke_parameters(tmp_pat
 
     main, control = RunDirectory(run_dir), RunDirectory(run_dir).control
     for run, stages in ((main, ("warmup", "physics", "analysis")),
-                        (control, ("warmup", "physics"))):
+                        (control, ("physics",))):
         for path in (run.config, run.vocab, run.env, run.steps, run.epochs, run.checkpoint):
             assert path.is_file(), path
         for stage in stages:
