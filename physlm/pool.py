@@ -76,8 +76,9 @@ def run_jobs(jobs: list[TrainJob], workers: int = 1) -> list[tuple[str, int, boo
                              initargs=(threads_per_worker(workers),)) as pool:
         running: dict[Future, TrainJob] = {}
         while waiting or running:
-            for job in [j for j in waiting if len(running) < workers and _ready(j, producers,
-                                                                                 done)]:
+            for job in [j for j in waiting if _ready(j, producers, done)]:
+                if len(running) >= workers:   # the rest waits: forks may become ready first
+                    break
                 waiting.remove(job)
                 running[pool.submit(_train, job.config.to_flat(), str(job.run_dir),
                                     None if job.fork is None else str(job.fork),
