@@ -2,6 +2,7 @@
 
     python -m physlm train  --params params/phase3.yaml --set epochs=2 --run-dir runs/x
     python -m physlm report runs/x
+    python -m physlm study  --params params/study_smoke.yaml [--set epochs=2] [--report-only]
     python -m physlm bench  [--quick] [--only step,energy,eval,bk,scaling,moe]
 """
 
@@ -72,6 +73,14 @@ def _report(args: argparse.Namespace) -> None:
     print(write_report(args.run_dir, out_dir=args.out_dir))
 
 
+def _study(args: argparse.Namespace) -> None:
+    from physlm import study, study_report
+
+    options = study.load_study(args.params, dict(parse_assignment(t) for t in args.set))
+    runs = study.load_study_runs(options) if args.report_only else study.run_study(options)
+    print(study_report.write_study_report(options, runs))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the checkout's benchmarks/bench.py, with its own options
@@ -103,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dir", type=Path)
     report.add_argument("--out-dir", type=Path, default=Path("reports"))
     report.set_defaults(handler=_report)
+
+    study = commands.add_parser("study", help="train (or reuse) a study's runs and report it")
+    study.add_argument("--params", required=True, help="the study's YAML file")
+    study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one study setting (repeatable), e.g. epochs=2")
+    study.add_argument("--report-only", action="store_true", help="report the runs that exist")
+    study.set_defaults(handler=_study)
 
     commands.add_parser("bench", help="benchmarks (python -m physlm bench -h)")
 

@@ -29,7 +29,8 @@ FIGURE_CAPTIONS = plots.CAPTIONS
 FORMATS = {"loss": "{:,.4f}", "ppl": "{:,.2f}", "time": "{:,.1f}", "count": "{:,.0f}",
            "fraction": "{:.3f}", "percent": "{:.1%}", "change": "{:+.2%}"}
 KINDS = {r"tokens/s": "count", r"\bppl\b": "ppl", r"\btime\b": "time", r"\b(loss|mse)\b": "loss",
-         r"^expert \d": "fraction", r"\bwithin target\b": "percent"}
+         r"^expert \d": "fraction", r"\bwithin target\b": "percent",
+         r"\b(vs|relative to) control\b": "change"}
 COLUMNS = {"Phase": "phase", "Train loss": "train_loss", "LM loss": "train_lm_loss",
            "Energy loss (weighted)": "train_energy_loss", "Energy MSE (raw)": "train_energy_mse",
            "Val loss": "val_loss", "Val loss (batch mean)": "val_loss_batch_mean",

@@ -131,5 +131,7 @@ def run_study(options: StudyOptions) -> dict[str, list[RunData]]:
 
 
 def load_study_runs(options: StudyOptions) -> dict[str, list[RunData]]:
-    return {variant: [load_run(run_path(options, variant, seed)) for seed in options.seeds]
-            for variant in options.variants}
+    """The study's runs that exist, by variant (a run not started yet is left out)."""
+    paths = {v: [run_path(options, v, seed) for seed in options.seeds] for v in options.variants}
+    return {variant: [load_run(p) for p in found if (p / "config.yaml").is_file()]
+            for variant, found in paths.items()}

@@ -44,9 +44,12 @@ def run_numbers(run: RunData) -> dict[str, float]:
 
 
 def numbers(runs: dict[str, list[RunData]]) -> pd.DataFrame:
-    """One row per run: variant, seed, final and best val PPL, best epoch, size, speed."""
+    """One row per finished run: variant, seed, final and best val PPL, best epoch, size,
+    speed (an unfinished run is left out: its last epoch is not its final one)."""
     return pd.DataFrame([{"variant": variant, "seed": run.config.train.seed, **run_numbers(run)}
-                         for variant, seeds in runs.items() for run in seeds if len(run.epochs)])
+                         for variant, seeds in runs.items() for run in seeds if run.finished],
+                        columns=["variant", "seed", "final", "best", "best_epoch", "parameters",
+                                 "tokens_per_s", "finished"])
 
 
 def study_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -142,6 +145,13 @@ def curves_figure(runs: dict[str, list[RunData]]) -> plots.Figure:
     return figure
 
 
+def missing_runs(options: StudyOptions, frame: pd.DataFrame) -> list[str]:
+    """The study's runs that are not finished (or not started), as "variant seed s"."""
+    finished = {(r.variant, r.seed) for r in frame.itertuples() if r.finished}
+    return [f"{v} seed {s}" for v in options.variants for s in options.seeds
+            if (v, s) not in finished]
+
+
 def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) -> Path:
     """reports/<name>.md and its figure, from the study's runs."""
     out = Path(options.report_dir)
@@ -157,7 +167,7 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         o=options, configs=configs, frame=frame, summary=study_table(frame),
         comparisons=comparisons(frame), phases=phase_table(frame),
         conclusion=conclusion(frame), phase_names=PHASES, control=CONTROL,
-        unfinished=frame.loc[~frame["finished"].astype(bool), ["variant", "seed"]].values,
+        unfinished=missing_runs(options, frame),
         figure=figure.relative_to(out).as_posix(), run_dir=portable(study_dir(options)),
         commits=sorted({r.env.get("git_commit") or "n/a" for s in runs.values() for r in s}),
         generator=git_commit() or "n/a", now=datetime.now(UTC).strftime("%Y-%m-%d %H:%M"))
