@@ -70,7 +70,8 @@ def _report(args: argparse.Namespace) -> None:
     if reason:
         raise CommandError("cannot write", f"--out-dir {args.out_dir}: {reason}; choose "
                            "another --out-dir", 1)
-    print(write_report(args.run_dir, out_dir=args.out_dir))
+    print(write_report(args.run_dir, out_dir=args.out_dir, control_dir=args.control_dir,
+                       name=args.name))
 
 
 def _study(args: argparse.Namespace) -> None:
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="write the markdown report of a saved run")
     report.add_argument("run_dir", type=Path)
     report.add_argument("--out-dir", type=Path, default=Path("reports"))
+    report.add_argument("--control-dir", type=Path, help="default <run_dir>/control")
+    report.add_argument("--name", help="the report's name (default: the run directory's)")
     report.set_defaults(handler=_report)
 
     study = commands.add_parser("study", help="train (or reuse) a study's runs and report it")

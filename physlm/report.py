@@ -166,17 +166,18 @@ def render_report(run: RunData, control: RunData | None, figures: dict[str, Path
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path = "reports",
-                 control_dir: str | Path | None = None) -> Path:
-    """Write `<out_dir>/<run name>.md` and its figures in `<out_dir>/<run name>/`."""
+                 control_dir: str | Path | None = None, name: str | None = None) -> Path:
+    """Write `<out_dir>/<name>.md` and its figures in `<out_dir>/<name>/` (name: the run
+    directory's name); the control is `control_dir`, else `<run_dir>/control`."""
     run, control, out_dir = load_run(run_dir), find_control(run_dir, control_dir), Path(out_dir)
-    (out_dir / run.name).mkdir(parents=True, exist_ok=True)
-    figures = {name: out_dir / run.name / f"{name}.png" for name in FIGURE_CAPTIONS}
-    for name, figure in plots.make_figures(run, control).items():
-        figure.savefig(figures[name], dpi=plots.DPI)
-    where = f"{portable(run_dir)} --out-dir {portable(out_dir)}"
-    command = f"python -m physlm report {where}" if control_dir is None else (
-        "python -c \"from physlm.report import write_report; write_report("
-        f"'{portable(run_dir)}', '{portable(out_dir)}', control_dir='{portable(control_dir)}')\"")
-    path = out_dir / f"{run.name}.md"
+    name = name or run.name
+    (out_dir / name).mkdir(parents=True, exist_ok=True)
+    figures = {figure: out_dir / name / f"{figure}.png" for figure in FIGURE_CAPTIONS}
+    for figure, drawn in plots.make_figures(run, control).items():
+        drawn.savefig(figures[figure], dpi=plots.DPI)
+    command = f"python -m physlm report {portable(run_dir)} --out-dir {portable(out_dir)}" + (
+        f" --control-dir {portable(control_dir)}" if control_dir else "") + (
+        f" --name {name}" if name != run.name else "")
+    path = out_dir / f"{name}.md"
     path.write_text(render_report(run, control, figures, out_dir, command), encoding="utf-8")
     return path
