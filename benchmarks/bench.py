@@ -106,7 +106,7 @@ QUICK = {"step": Timing(3, 1, 1), "energy": Timing(5, 1, 2), "eval": Timing(3, 1
 # move or change.
 def resolve(name: str) -> torch.device:
     """The device that `--device` names ("auto", "cpu", "cuda[:N]")."""
-    from physlm.trainer import resolve_device
+    from physlm.distributed import resolve_device
 
     return resolve_device(name)
 

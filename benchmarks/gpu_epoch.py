@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from physlm.config import from_flat
-from physlm.trainer import Trainer, resolve_device
+from physlm.distributed import resolve_device
+from physlm.trainer import Trainer
 
 # isort: split
 from timing import sync

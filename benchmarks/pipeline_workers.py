@@ -1,7 +1,7 @@
 """Wall time of the phase3 pipeline with workers 1 (stages one after the other) and 2 (the
 run's and the control's physics stages side by side), alternated round after round.
 
-    python benchmarks/pipeline_workers.py [--rounds 3] [--out benchmarks/results/pipeline-workers.json]
+    python benchmarks/pipeline_workers.py [--rounds 3] [--out FILE.json]
 
 A shortened proxy pipeline (the WikiText-2 proxy of params/wt2_proxy.yaml, 2 epochs,
 physics from epoch index 1, a few batches per epoch) in fresh run directories; both

@@ -151,6 +151,7 @@ def _known_error(error: Exception) -> tuple[str, int] | None:
         return "configuration error", 2
     from physlm.checkpoint import CheckpointError  # imported here: they import torch
     from physlm.data import DataError
+    from physlm.distributed import DeviceError
     from physlm.files import NotWritableError
     from physlm.runs import RunBusyError, RunConflictError
     from physlm.trainer import TrainingError
@@ -158,6 +159,7 @@ def _known_error(error: Exception) -> tuple[str, int] | None:
     for kind, label, code in ((DataError, "data error", 2),
                               (CheckpointError, "checkpoint error", 1),
                               (TrainingError, "cannot train", 1),
+                              (DeviceError, "cannot train", 1),
                               (RunBusyError, "run directory busy", 1),
                               (RunConflictError, "cannot train", 1),
                               (NotWritableError, "cannot write", 1)):

@@ -90,3 +90,19 @@ def gather_across(tensor: torch.Tensor, world: int) -> list[torch.Tensor]:
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+class DeviceError(RuntimeError):
+    """The device asked for is not available here."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """This process's device for `name` ("auto": CUDA when available)."""
+    name = local_device(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} asked for, but CUDA is not available here; "
+                          "use device: auto or cpu")
+    return device

@@ -41,17 +41,7 @@ FLUSH_EVERY_CUDA = 50
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on: too many non-finite steps, or CUDA asked for and missing."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} asked for, but CUDA is not available here; "
-                            "use device: auto or cpu")
-    return device
+    """Training cannot go on: too many non-finite steps."""
 
 
 class Trainer:
@@ -59,7 +49,7 @@ class Trainer:
         self.config = config
         self.run = RunDirectory(run_dir)
         self.rank, self.world = distributed.init_from_environment()
-        self.device = resolve_device(distributed.local_device(config.train.device))
+        self.device = distributed.resolve_device(config.train.device)
         self.amp = config.train.amp and self.device.type == "cuda"
         if config.train.amp and not self.amp:
             warnings.warn("amp: true is ignored on the CPU (no bf16 units); training in float32",
