@@ -66,7 +66,7 @@ from physlm.moe import SparseMoE
 from physlm.physics import EnergyHeads, energy_terms
 
 # isort: split
-from report import check_targets, format_results, machine_info, target_values
+from report import check_targets, format_results, machine_info, save_results, target_values
 from timing import (
     Timing,
     paired_ratio,
@@ -339,10 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n".join(format_results(results)))
     default_name = f"{device.type}{'-quick' if args.quick else ''}.json"
-    out = args.out or HERE / "results" / default_name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {save_results(results, args.out or HERE / 'results' / default_name)}")
     return 0
 
 

@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import os
 import resource
 import statistics
@@ -64,7 +63,7 @@ from physlm.transformer import Transformer
 
 # isort: split
 from bench import environment, resolve
-from report import machine_info
+from report import machine_info, save_results
 from timing import Timing, paired_ratio, peak_rss_mib, summary, sync, time_interleaved
 from workloads import VOCAB
 
@@ -306,9 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_s"] = time.perf_counter() - start
     print("\n".join(format_table(results)))
     name = f"context-{device.type}{'-quick' if args.quick else ''}.json"
-    out = args.out or HERE / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = save_results(results, args.out or HERE / "results" / name)
     print(f"wrote {out} ({results['wall_s']:.0f} s)")
     return 0
 

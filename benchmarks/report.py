@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 from pathlib import Path
@@ -19,6 +20,13 @@ TARGETS = {  # name: (value key, bound, "max" or "min")
     "BK time/position max/min over N (causal)": ("bk_scaling_causal", 1.5, "max"),
     "BK time/position max/min over N (bidirectional)": ("bk_scaling_bidirectional", 1.5, "max"),
 }
+
+
+def save_results(results: dict[str, Any], out: Path) -> Path:
+    """Write a benchmark's record as JSON (making its folder) and return the path."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return out
 
 
 def machine_info(environment: dict[str, Any]) -> dict[str, Any]:

@@ -104,3 +104,12 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _LinearCrossEntropy.apply(h, weight, bias, targets)
     return _chunked_cross_entropy(h, weight, bias, targets, with_grads=False)[0]
+
+
+def head_output(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(loss, logits) of an LM head: the fused loss when targets are given (no logits
+    are built), else the logits h @ weight.T + bias."""
+    if targets is None:
+        return None, torch.nn.functional.linear(h, weight, bias)
+    return linear_cross_entropy(h, weight, bias, targets), None

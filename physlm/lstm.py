@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from physlm.config import ModelConfig
-from physlm.losses import linear_cross_entropy
+from physlm.losses import head_output
 from physlm.model import ModelOutput
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -78,11 +78,7 @@ class LSTMLanguageModel(nn.Module):
         embeddings = self.embedding(x)
         out, (h_n, c_n) = self.lstm(self.dropout(embeddings), state)
         h = self.dropout(out)
-        if targets is None:
-            loss, logits = None, nn.functional.linear(h, self.head_weight, self.head_bias)
-        else:
-            loss, logits = linear_cross_entropy(h, self.head_weight, self.head_bias,
-                                                targets), None
+        loss, logits = head_output(h, self.head_weight, self.head_bias, targets)
         return ModelOutput(loss=loss, logits=logits, token_embeddings=embeddings,
                            hidden_states=[embeddings, out],
                            expert_load=torch.zeros(self.config.n_layers, 0, device=x.device),

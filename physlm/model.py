@@ -25,7 +25,7 @@ from torch import nn
 
 from physlm.bk_core import resolvent_diagonal
 from physlm.config import ModelConfig
-from physlm.losses import linear_cross_entropy
+from physlm.losses import head_output
 from physlm.moe import SparseMoE
 
 SPECTRAL_SHIFT = 1j  # z in (H - zI)^-1: keeps the resolvent finite for real potentials
@@ -103,11 +103,7 @@ class ResNetBK(nn.Module):
             hidden_states.append(h)
             loads.append(load)
         h = self.final_norm(h)
-        if targets is None:
-            loss, logits = None, self.lm_head(h)
-        else:
-            loss, logits = linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias,
-                                                targets), None
+        loss, logits = head_output(h, self.lm_head.weight, self.lm_head.bias, targets)
         return ModelOutput(loss=loss, logits=logits, token_embeddings=embeddings,
                            hidden_states=hidden_states, expert_load=torch.stack(loads))
 

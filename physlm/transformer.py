@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from physlm.config import ModelConfig
-from physlm.losses import linear_cross_entropy
+from physlm.losses import head_output
 from physlm.model import ModelOutput
 
 INIT_STD = 0.02
@@ -110,11 +110,7 @@ class Transformer(nn.Module):
             h = block(h)
             hidden_states.append(h)
         h = self.final_norm(h)
-        if targets is None:
-            loss, logits = None, self.lm_head(h)
-        else:
-            loss, logits = linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias,
-                                                targets), None
+        loss, logits = head_output(h, self.lm_head.weight, self.lm_head.bias, targets)
         return ModelOutput(loss=loss, logits=logits, token_embeddings=embeddings,
                            hidden_states=hidden_states,
                            expert_load=torch.zeros(self.config.n_layers, 0, device=x.device))

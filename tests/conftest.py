@@ -24,6 +24,15 @@ def _fixture_cache(tmp_path_factory):
         yield
 
 
+def one_error_line(capsys) -> str:
+    """The command's stderr, asserted to be one `physlm: ...` line without a traceback."""
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("physlm: "), f"expected one line, got {err!r}"
+    return lines[0]
+
+
 def crash_after_step(trainer, monkeypatch, step: int) -> None:
     """Make `trainer` stop as if killed, once `step` optimizer steps are done."""
     train_step = trainer.train_step

@@ -11,15 +11,7 @@ import yaml
 from physlm.__main__ import _known_error, _one_line, main
 from physlm.config import from_flat
 
-from .conftest import TINY
-
-
-def _one_error_line(capsys) -> str:
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("physlm: "), f"expected one line, got {err!r}"
-    return lines[0]
+from .conftest import TINY, one_error_line
 
 
 def _params(tmp_path: Path, content: str | bytes | None = None) -> Path:
@@ -53,7 +45,7 @@ def _saved_run(tmp_path: Path) -> Path:
 
 def test_report_on_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out-dir", str(tmp_path / "out")]) == 2
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert err.startswith("physlm: not a run directory: ") and "no config.yaml" in err
 
 
@@ -61,7 +53,7 @@ def test_report_into_an_unwritable_out_dir(tmp_path, capsys):
     """A path under a regular file binds root too (modes do not)."""
     out_dir = _a_file(tmp_path) / "reports"
     assert main(["report", str(_saved_run(tmp_path)), "--out-dir", str(out_dir)]) == 1
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert err.startswith("physlm: cannot write: ") and "not a directory" in err
     assert "--out-dir" in err and "permission denied" not in err
 
@@ -74,7 +66,7 @@ def test_report_on_a_damaged_config(tmp_path, capsys, content):
     config = run_dir / "config.yaml"
     config.write_bytes(content.encode() if isinstance(content, str) else content)
     assert main(["report", str(run_dir), "--out-dir", str(tmp_path / "out")]) == 1
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert err.startswith("physlm: damaged run directory: ") and str(config) in err
     assert not (tmp_path / "out").exists()
 
@@ -88,7 +80,7 @@ def test_report_on_a_damaged_config(tmp_path, capsys, content):
 ], ids=["not-utf8", "a-list", "malformed-yaml"])
 def test_bad_params_file(tmp_path, capsys, content, expected):
     assert _train(tmp_path, params=_params(tmp_path, content)) == 2
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert err.startswith("physlm: configuration error: ") and expected in err
     assert not (tmp_path / "run").exists()
 
@@ -96,7 +88,7 @@ def test_bad_params_file(tmp_path, capsys, content, expected):
 @pytest.mark.parametrize("device", ["cudaX", "cuda:", "cuda:x", "gpu", "cpu0"])
 def test_invalid_device_string(tmp_path, capsys, device):
     assert _train(tmp_path, "--set", f"device='{device}'") == 2  # quoted: text, as YAML reads it
-    assert "device must be 'auto', 'cpu' or 'cuda[:N]'" in _one_error_line(capsys)
+    assert "device must be 'auto', 'cpu' or 'cuda[:N]'" in one_error_line(capsys)
 
 
 def test_valid_device_strings_pass_validation():
@@ -106,7 +98,7 @@ def test_valid_device_strings_pass_validation():
 
 def test_negative_until_epoch_is_refused(tmp_path, capsys):
     assert _train(tmp_path, "--until-epoch", "-1") == 2
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert err.startswith("physlm: invalid argument: --until-epoch must be >= 0")
     assert not (tmp_path / "run").exists()
 
@@ -117,7 +109,7 @@ def test_run_dir_under_a_regular_file_is_not_called_permission_denied(tmp_path, 
     run_dir = _a_file(tmp_path) / "run"
     params = _params(tmp_path)
     assert main(["train", "--params", str(params), "--run-dir", str(run_dir)]) == 1
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert err.startswith("physlm: cannot write: ") and "not a directory" in err
     assert "choose another run_dir" in err and "permission denied" not in err
 
@@ -131,7 +123,7 @@ def test_missing_data_file_leaves_no_run_directory(tmp_path, capsys):
                  "--set", f"train_file={tmp_path / 'missing.raw'}",
                  "--set", f"valid_file={tmp_path / 'missing.raw'}"])
     assert code == 2
-    assert "train_file: file not found" in _one_error_line(capsys)
+    assert "train_file: file not found" in one_error_line(capsys)
     assert not (tmp_path / "runs").exists()
 
 

@@ -31,7 +31,7 @@ from physlm.fixture import fixture_dir
 from physlm.runs import RunDirectory
 from physlm.trainer import Trainer, train
 
-from .conftest import REPO_ROOT, TINY, crash_after_step
+from .conftest import REPO_ROOT, TINY, crash_after_step, one_error_line
 
 VOLATILE = {"time_s", "tokens_per_s", "val_time_s", "train_time_s"}
 
@@ -316,7 +316,7 @@ def test_resume_from_a_damaged_checkpoint_explains_itself(tmp_path, tiny_config,
         Trainer(tiny_config(), run.root)
     params = _params_file(tmp_path / "params.yaml")
     code = main(["train", "--params", str(params), "--run-dir", str(run.root)])
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert code == 1 and "delete it" in err and str(run.checkpoint) in err
 
 
@@ -347,21 +347,13 @@ def test_unwritable_run_directory_is_a_clear_error(tmp_path, tiny_config, capsys
         assert str(run_dir) in str(error.value), how
         params = _params_file(tmp_path / "params.yaml")
         code = main(["train", "--params", str(params), "--run-dir", str(run_dir)])
-        err = _one_error_line(capsys)
+        err = one_error_line(capsys)
         assert code == 1 and "not writable" in err and "choose another run_dir" in err, how
     finally:
         (tmp_path / "locked").chmod(0o700)
 
 
 # --- bad input through the command line ------------------------------------------------------
-
-def _one_error_line(capsys) -> str:
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("physlm: "), f"expected one line, got {err!r}"
-    return lines[0]
-
 
 def _corpus(folder: Path, train: str | bytes, valid: str | bytes) -> Path:
     folder.mkdir()
@@ -427,14 +419,14 @@ def test_bad_input_is_one_line_without_traceback(assignments, code, expected, tm
     for assignment in assignments:
         argv += ["--set", assignment]
     assert main(argv) == code
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert expected in err
 
 
 def test_missing_params_file_is_one_line(tmp_path, capsys):
     """A parameter file that does not exist is named."""
     assert main(["train", "--params", str(tmp_path / "nope.yaml")]) == 2
-    assert "parameter file not found" in _one_error_line(capsys)
+    assert "parameter file not found" in one_error_line(capsys)
 
 
 # --- physics that never runs -----------------------------------------------------------------
