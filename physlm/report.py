@@ -137,7 +137,7 @@ def phase_comparison_table(run: RunData, control: RunData | None) -> pd.DataFram
 
 
 def render_report(run: RunData, control: RunData | None, figures: dict[str, Path],
-                  out_dir: Path, command: str) -> str:
+                  out_dir: Path, command: str, title: str | None = None) -> str:
     """The whole markdown document (`figures`: name -> PNG path below `out_dir`)."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("physlm"), trim_blocks=True,
                              lstrip_blocks=True, undefined=jinja2.StrictUndefined)
@@ -148,7 +148,7 @@ def render_report(run: RunData, control: RunData | None, figures: dict[str, Path
     router = pd.DataFrame(load, index=pd.RangeIndex(1, len(load) + 1, name="Layer")).rename(
         columns=lambda expert: f"Expert {expert + 1}").reset_index()  # token share per expert
     text = env.get_template("report.md.j2").render(
-        run=run, control=control, c=run.config, env=run.env, s=s,
+        run=run, title=title or run.name, control=control, c=run.config, env=run.env, s=s,
         source=re.sub(r"(?<!\S)/\S*/", "", run.env.get("data_source", NA)),  # absolute: names
         DataFrame=pd.DataFrame, settings=settings, final=final_value,
         files={split: Path(path).name for split, path in run.env.get("data_files", {}).items()},
@@ -179,5 +179,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path = "reports",
         f" --control-dir {portable(control_dir)}" if control_dir else "") + (
         f" --name {name}" if name != run.name else "")
     path = out_dir / f"{name}.md"
-    path.write_text(render_report(run, control, figures, out_dir, command), encoding="utf-8")
+    path.write_text(render_report(run, control, figures, out_dir, command, title=name),
+                    encoding="utf-8")
     return path
