@@ -233,3 +233,50 @@ def resolvent_diagonal(
         q = q.expand(*batch, n - 1).reshape(m, n - 1)
     out = (_Causal if causal else _Bidirectional).apply(ap, q)
     return out.view(*batch, n)
+
+
+# The original's backward (SPEC section 7, flaw 2), for the replica and its ablation only.
+SURROGATE_FLOOR = 1e-3   # |G_ii^2| is raised to this, its phase kept
+SURROGATE_EPS = 1e-6
+SURROGATE_CLAMP = 1000.0
+
+
+class _Surrogate(torch.autograd.Function):
+    """Forward: the diagonal as `resolvent_diagonal`. Backward, per position only, with
+    g = dL/dRe(G_ii) + i dL/dIm(G_ii) (PyTorch's gradient of a complex output):
+
+        G2 = G_ii^2, raised to modulus 1e-3 where smaller (phase kept)
+        dL/dv_i = 0.5 (-Re(g G_ii^2)) + 0.5 (-Re(g / (G2 + 1e-6)))
+
+    non-finite values set to 0, the result clamped to [-1000, 1000]. The true derivative
+    is -conj(G_ij G_ji) summed over j; this drops the other positions and the conjugation,
+    and the second half is the gradient of nothing. Computed on the causal diagonal g_i
+    in the same way when the resolvent is causal.
+    """
+
+    @staticmethod
+    def forward(ctx, diag: Tensor, z: complex, causal: bool) -> Tensor:
+        with torch.no_grad():
+            g = resolvent_diagonal(diag, z, causal=causal)
+        ctx.save_for_backward(g)
+        return g
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (g,) = ctx.saved_tensors
+        square = g.square()
+        modulus = square.abs()
+        stabilised = torch.where(modulus < SURROGATE_FLOOR,
+                                 square * (SURROGATE_FLOOR / modulus), square)
+        analytic = -(grad * square).real
+        surrogate = -(grad / (stabilised + SURROGATE_EPS)).real
+        blended = torch.nan_to_num(0.5 * analytic + 0.5 * surrogate, nan=0.0, posinf=0.0,
+                                   neginf=0.0)
+        return blended.clamp(-SURROGATE_CLAMP, SURROGATE_CLAMP), None, None
+
+
+def surrogate_resolvent_diagonal(diag: Tensor, z: complex = 1j, *, causal: bool = True
+                                 ) -> Tensor:
+    """`resolvent_diagonal` (H = tridiag(1, diag, 1)) with the original's surrogate backward."""
+    return _Surrogate.apply(diag, z, causal)

@@ -55,6 +55,13 @@ class ModelConfig:
     dropout: float = 0.1
     n_heads: int = 4  # attention heads (transformer)
     bk_mode: Literal["causal", "bidirectional"] = "causal"
+    # exact: autograd-consistent; surrogate: the original's blended diagonal (SPEC section 7).
+    bk_gradient: Literal["exact", "surrogate"] = "exact"
+    # scaled: the chosen expert's output times its router probability, so the gate learns;
+    # unscaled: the original's, whose gate gets no gradient (SPEC section 6, flaw 3).
+    router: Literal["scaled", "unscaled"] = "scaled"
+    koopman: bool = False    # Koopman lift, operator and inverse per layer (physlm.koopman)
+    koopman_dim: int = 256
     potential_clamp: float = 3.0
     feature_clamp: float = 10.0
     energy_heads: bool = True
@@ -124,6 +131,10 @@ class PhysicsConfig:
     energy_target_drift: float = setting(0.1, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
     lambda_min: float = setting(0.01, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
     lambda_max: float = setting(10.0, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
+    # The original's flaw 4: lambda is also an AdamW parameter (gradient mse_l, weight decay).
+    lambda_in_optimizer: bool = setting(False, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
+    # Weight of the Koopman loss (consistency + reconstruction) in physics epochs.
+    koopman_weight: float = setting(0.1, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
 
 
 @dataclass
@@ -171,6 +182,10 @@ class Config:
              f"energy_heads: true needs architecture: resnet_bk (got {m.architecture})"),
             (0.0 <= m.dropout < 1.0, "dropout must be in [0, 1)"),
             (m.potential_clamp > 0, "potential_clamp must be > 0"),
+            (m.architecture == "resnet_bk" or not m.koopman,
+             f"koopman: true needs architecture: resnet_bk (got {m.architecture})"),
+            (m.koopman_dim >= 1, "koopman_dim must be >= 1"),
+            (p.koopman_weight >= 0, "koopman_weight must be >= 0"),
             (m.feature_clamp > 0, "feature_clamp must be > 0"),
             (d.vocab_size >= 3, "vocab_size must be >= 3 (<pad>, <unk> and one word)"),
             (d.batch_size >= 1, "batch_size must be >= 1"),
@@ -226,8 +241,10 @@ class Config:
         return self.is_physics_epoch(self.train.epochs - 1)
 
     def is_physics_epoch(self, epoch: int) -> bool:
-        """Whether epoch `epoch` (0-based) adds the energy penalty to the loss."""
-        return self.physics.energy_penalty and epoch >= self.physics.physics_start_epoch
+        """Whether epoch `epoch` (0-based) adds the auxiliary loss (the energy penalty, or
+        the Koopman loss) to the LM loss."""
+        auxiliary = self.physics.energy_penalty or self.model.koopman
+        return auxiliary and epoch >= self.physics.physics_start_epoch
 
     def phase(self, epoch: int) -> Literal["warmup", "physics"]:
         return "physics" if self.is_physics_epoch(epoch) else "warmup"

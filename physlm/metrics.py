@@ -23,13 +23,17 @@ TERM_RECORD = {"mse": "energy_mse_per_layer", "drift": "drift_per_layer", "kinet
                "potential_spread": "potential_spread_per_layer"}
 # Step statistic -> the per-layer list it is the mean of.
 LAYER_MEAN_OF = {"lambda": "lambda_per_layer", "drift": "drift_per_layer",
-                 "energy_mse": "energy_mse_per_layer"}
+                 "energy_mse": "energy_mse_per_layer",
+                 "koopman_consistency": "koopman_consistency_per_layer",
+                 "koopman_reconstruction": "koopman_reconstruction_per_layer"}
 # Step statistics averaged over the epoch's applied (not skipped) steps.
 AVERAGED = ("loss", "lm_loss", "energy_loss", "grad_norm", "lm_grad_norm", "energy_grad_norm",
             "clip_factor", "energy_clip_factor")
 # Per-layer statistics averaged over the epoch's energy steps, under the same names.
 LAYER_AVERAGED = ("energy_spread_per_layer", "kinetic_spread_per_layer",
                   "potential_spread_per_layer", "kinetic", "potential")
+# Per-layer Koopman errors averaged over the epoch's Koopman steps.
+KOOPMAN_AVERAGED = ("koopman_consistency_per_layer", "koopman_reconstruction_per_layer")
 
 
 def step_record(pending: dict[str, Any], step_time: float) -> dict[str, Any]:
@@ -59,6 +63,8 @@ class EpochTotals:
     drift: float = 0.0
     drift_max: float = 0.0
     per_layer: dict[str, list[float]] = field(default_factory=dict)  # over energy steps
+    koopman_steps: int = 0
+    koopman: dict[str, list[float]] = field(default_factory=dict)    # over Koopman steps
 
     def add(self, record: dict[str, Any]) -> None:
         self.steps += 1
@@ -80,11 +86,12 @@ class EpochTotals:
             self.energy_mse += record["energy_mse"]
             self.drift += record["drift"]
             self.drift_max = max(self.drift_max, record["drift"])
-            for key in LAYER_AVERAGED:
-                total = self.per_layer.get(key, [0.0] * len(record[key]))
-                self.per_layer[key] = [t + v for t, v in zip(total, record[key], strict=True)]
+            _accumulate(self.per_layer, LAYER_AVERAGED, record)
+        if record.get("koopman_computed"):
+            self.koopman_steps += 1
+            _accumulate(self.koopman, KOOPMAN_AVERAGED, record)
 
-    def summary(self, with_energy: bool) -> dict[str, Any]:
+    def summary(self, with_energy: bool, with_koopman: bool = False) -> dict[str, Any]:
         """The epoch's training figures: means over applied steps, totals, throughput."""
         applied = self.steps - self.skipped
         sums, count = (self.applied, applied) if applied else (self.everything, self.steps)
@@ -109,6 +116,10 @@ class EpochTotals:
                           drift_max=self.drift_max if n else None, energy_steps=n,
                           **{key: [v / n for v in total] if n else None
                              for key, total in self.per_layer.items()})
+        if with_koopman:
+            n = self.koopman_steps
+            record.update({key: [v / n for v in self.koopman[key]] if n else None
+                           for key in KOOPMAN_AVERAGED})
         return record
 
     def state_dict(self) -> dict[str, Any]:
@@ -117,6 +128,14 @@ class EpochTotals:
     @classmethod
     def from_state(cls, state: dict[str, Any] | None) -> EpochTotals:
         return cls(**state) if state else cls()
+
+
+def _accumulate(sums: dict[str, list[float]], keys: tuple[str, ...],
+                record: dict[str, Any]) -> None:
+    """Add the record's per-layer lists to the running per-layer sums."""
+    for key in keys:
+        total = sums.get(key, [0.0] * len(record[key]))
+        sums[key] = [t + v for t, v in zip(total, record[key], strict=True)]
 
 
 def format_epoch(record: dict[str, Any], epochs: int, elapsed_s: float | None = None) -> str:

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from physlm.bk_core import resolvent_diagonal
+from physlm.bk_core import resolvent_diagonal, surrogate_resolvent_diagonal
 from physlm.config import ModelConfig
+from physlm.koopman import Koopman
 from physlm.losses import head_output
 from physlm.moe import SparseMoE
 
@@ -38,18 +39,21 @@ class BKLayer(nn.Module):
         super().__init__()
         d = config.d_model
         self.norm = nn.LayerNorm(d)
-        self.moe = SparseMoE(d, config.num_experts, config.dropout)
+        self.moe = SparseMoE(d, config.num_experts, config.dropout,
+                             scale_by_router=config.router == "scaled")
         self.potential = nn.Linear(d, 1)
         self.features = nn.Linear(2, d)
         self.scale = nn.Parameter(torch.ones(()))
         self.causal = config.bk_mode == "causal"
+        self.resolvent = (surrogate_resolvent_diagonal if config.bk_gradient == "surrogate"
+                          else resolvent_diagonal)
         self.potential_clamp = config.potential_clamp
         self.feature_clamp = config.feature_clamp
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f, load = self.moe(self.norm(h))
         v = self.potential(f).squeeze(-1).clamp(-self.potential_clamp, self.potential_clamp)
-        g = resolvent_diagonal(v - 2.0, SPECTRAL_SHIFT, causal=self.causal)    # (B, N) complex
+        g = self.resolvent(v - 2.0, SPECTRAL_SHIFT, causal=self.causal)    # (B, N) complex
         features = torch.stack((g.real, g.imag), dim=-1).clamp(-self.feature_clamp,
                                                                 self.feature_clamp)
         return f + self.scale * self.features(features), load
@@ -87,6 +91,9 @@ class ResNetBK(nn.Module):
         self.lm_head = nn.Linear(config.d_model, vocab_size)
         for embedding in (self.token_embedding, self.position_embedding):
             nn.init.normal_(embedding.weight, std=config.embedding_init_std)
+        # Drawn last, so the language model's initial weights are those without it.
+        self.koopman = (Koopman(config.d_model, config.n_layers, config.koopman_dim)
+                        if config.koopman else None)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
                 state: Any = None) -> ModelOutput:

@@ -32,8 +32,10 @@ from torch import nn
 class SparseMoE(nn.Module):
     """E experts Linear(D, 2D) -> ReLU -> Dropout -> Linear(2D, D); a Linear(D, E) gate, top-1."""
 
-    def __init__(self, d_model: int, num_experts: int, dropout: float) -> None:
+    def __init__(self, d_model: int, num_experts: int, dropout: float,
+                 scale_by_router: bool = True) -> None:
         super().__init__()
+        self.scale_by_router = scale_by_router  # False: the original's, the gate never learns
         hidden = 2 * d_model
         self.num_experts = num_experts
         self.gate = nn.Linear(d_model, num_experts)
@@ -61,7 +63,7 @@ class SparseMoE(nn.Module):
             chosen = self._sparse(tokens, top_expert, counts)
         else:
             chosen = self._dense(tokens, top_expert)
-        mixed = chosen * top_prob.unsqueeze(-1)
+        mixed = chosen * top_prob.unsqueeze(-1) if self.scale_by_router else chosen
         return mixed.reshape(shape), counts.to(u.dtype) / tokens.shape[0]
 
     def _sparse(self, tokens: torch.Tensor, top_expert: torch.Tensor,

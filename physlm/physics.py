@@ -101,18 +101,23 @@ class LagrangeMultiplier(nn.Module):
 
     Stored as a parameter (so the parameter count includes it and it is saved with
     the penalty) with requires_grad=False, so no optimizer touches it. The integral
-    state of the PI rule is a buffer beside it.
+    state of the PI rule is a buffer beside it. `in_optimizer` is the original's flaw 4
+    (SPEC section 7): lambda is also an AdamW parameter, whose gradient mse_l >= 0 and
+    weight decay push it down before each dual step pushes it up.
     """
 
-    def __init__(self, initial: float) -> None:
+    def __init__(self, initial: float, in_optimizer: bool = False) -> None:
         super().__init__()
-        self.value = nn.Parameter(torch.tensor(float(initial)), requires_grad=False)
+        self.value = nn.Parameter(torch.tensor(float(initial)), requires_grad=in_optimizer)
         self.register_buffer("integral", torch.tensor(float(initial)))
 
     @torch.no_grad()
     def update(self, error: torch.Tensor, eta: float, low: float, high: float,
                kp: float = 0.0) -> None:
-        """I <- clip(I + eta * error); lambda <- clip(I + kp * error), on the device."""
+        """I <- clip(I + eta * error); lambda <- clip(I + kp * error), on the device. When
+        the optimizer also moves lambda, the dual step starts from where it left it."""
+        if self.value.requires_grad:
+            self.integral.copy_(self.value)
         self.integral.copy_((self.integral + eta * error).clamp(low, high))
         self.value.copy_((self.integral + kp * error).clamp(low, high))
 
@@ -207,8 +212,9 @@ class EnergyPenalty(nn.Module):
         super().__init__()
         self.config = config
         self.heads = nn.ModuleList(heads)
-        self.multipliers = nn.ModuleList(LagrangeMultiplier(config.lambda_energy_init)
-                                         for _ in heads)
+        self.multipliers = nn.ModuleList(
+            LagrangeMultiplier(config.lambda_energy_init, config.lambda_in_optimizer)
+            for _ in heads)
 
     @property
     def lambdas(self) -> torch.Tensor:

@@ -10,6 +10,10 @@ the study fixes the budget (epochs, physics_start_epoch) and the seed:
 Runs whose warmup equals the control's (the reference and depth recipes) fork from the
 control's warmup checkpoint instead of training it again (physlm.runs.fork_from).
 
+The ablation (`ablation`: fixes in order, each a mapping of settings) starts from the
+original's semantics, params/replica.yaml, and adds one fix per row; a row identical to a
+study variant is that variant's runs (physlm.ablation compares each row with the previous).
+
 Statistics and the report (physlm.study_report) compare every variant with the control,
 seed by seed.
 """
@@ -17,18 +21,20 @@ seed by seed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from physlm.config import WARMUP_INVARIANT, Config, from_flat, read_params_file
+from physlm.config import RESUMABLE, WARMUP_INVARIANT, Config, from_flat, read_params_file
 from physlm.pool import TrainJob, run_jobs
 from physlm.runs import RunData, load_run
 from physlm.values import ConfigError, coerce, suggest
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 CONTROL = "control"
+REPLICA = "replica"
 
 
 @dataclass
@@ -44,6 +50,8 @@ class StudyOptions:
     physics_start_epoch: int = 4
     data_params: str | None = "params/wt2_proxy.yaml"   # the data every variant trains on
     overrides: dict[str, Any] = field(default_factory=dict)  # config keys for every run
+    # Fix name -> the settings that fix it, applied one after another to params/replica.yaml.
+    ablation: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_dir: str | None = None                          # default runs/<name>
     report_dir: str = "reports"
     workers: int = 2
@@ -55,8 +63,11 @@ class StudyOptions:
             (CONTROL in self.variants, "variants must include 'control': the baseline"),
             (0 <= self.physics_start_epoch < self.epochs,
              "physics_start_epoch must be in [0, epochs): physics must run"),
-            (self.workers >= 1, "workers must be >= 1")) if not ok]
-        for variant in self.variants:
+            (self.workers >= 1, "workers must be >= 1"),
+            (all(re.fullmatch(r"[A-Za-z0-9_-]+", fix) for fix in self.ablation),
+             "ablation fixes are named by letters, digits, '_' or '-' (a folder name)"))
+            if not ok]
+        for variant in self.variants + ([REPLICA] if self.ablation else []):
             if not (PARAMS / f"{variant}.yaml").is_file():
                 problems.append(f"variant {variant!r} has no params/{variant}.yaml")
         if problems:
@@ -81,6 +92,8 @@ def study_options(values: dict[str, Any]) -> StudyOptions:
             options[key] = [coerce(key, v, int if key == "seeds" else str) for v in value]
         elif key == "overrides":
             options[key] = dict(value)
+        elif key == "ablation":
+            options[key] = {str(fix): dict(settings) for fix, settings in dict(value).items()}
         else:
             options[key] = coerce(key, value, hints[key])
     return StudyOptions(**options).validate()
@@ -93,12 +106,13 @@ def load_study(params_file: str | Path | None = None,
                                        if v is not None}})
 
 
-def run_config(options: StudyOptions, variant: str, seed: int) -> Config:
+def run_config(options: StudyOptions, variant: str, seed: int,
+               fixes: dict[str, Any] | None = None, name: str | None = None) -> Config:
     data = read_params_file(options.data_params) if options.data_params else {}
     recipe = read_params_file(PARAMS / f"{variant}.yaml")
     budget = {"epochs": options.epochs, "physics_start_epoch": options.physics_start_epoch,
-              "seed": seed, "name": f"{variant}_s{seed}", "progress": False}
-    return from_flat({**data, **recipe, **options.overrides, **budget})
+              "seed": seed, "name": f"{name or variant}_s{seed}", "progress": False}
+    return from_flat({**data, **recipe, **(fixes or {}), **options.overrides, **budget})
 
 
 def study_dir(options: StudyOptions) -> Path:
@@ -109,18 +123,54 @@ def run_path(options: StudyOptions, variant: str, seed: int) -> Path:
     return study_dir(options) / variant / f"s{seed}"
 
 
+@dataclass(frozen=True)
+class AblationRow:
+    label: str                  # "replica", then the name of the fix this row adds
+    fixes: dict[str, Any]       # every fix up to this row
+    same_as: str | None         # the study variant these settings are, if any
+
+
+def ablation_rows(options: StudyOptions) -> list[AblationRow]:
+    """The replica, then one more fix per row (none without an ablation)."""
+    if not options.ablation:
+        return []
+    labels, fixes, rows = [REPLICA, *options.ablation], {}, []
+    for index, label in enumerate(labels):
+        if index:
+            fixes = {**fixes, **options.ablation[label]}
+        config = run_config(options, REPLICA, options.seeds[0], fixes)
+        same_as = next((v for v in options.variants if not config.differences(
+            run_config(options, v, options.seeds[0]), allowed=RESUMABLE)), None)
+        rows.append(AblationRow(label, fixes, same_as))
+    return rows
+
+
+def ablation_path(options: StudyOptions, index: int, row: AblationRow, seed: int) -> Path:
+    if row.same_as:
+        return run_path(options, row.same_as, seed)
+    return study_dir(options) / "ablation" / f"{index}_{row.label}" / f"s{seed}"
+
+
 def plan(options: StudyOptions) -> list[TrainJob]:
     """Every run of the study, the controls first: the runs whose warmup equals their
-    seed's control's (the reference and depth recipes) fork from it when it is done."""
-    jobs = [TrainJob(run_config(options, CONTROL, seed), run_path(options, CONTROL, seed))
-            for seed in options.seeds]
+    seed's control's (the reference and depth recipes, most ablation rows) fork from it
+    when it is done."""
+    controls = {seed: TrainJob(run_config(options, CONTROL, seed),
+                               run_path(options, CONTROL, seed)) for seed in options.seeds}
+    jobs = list(controls.values())
+
+    def add(config: Config, path: Path, seed: int) -> None:
+        shares_warmup = not config.differences(controls[seed].config, allowed=WARMUP_INVARIANT)
+        jobs.append(TrainJob(config, path, fork=controls[seed].run_dir if shares_warmup
+                             else None))
+
     for variant in (v for v in options.variants if v != CONTROL):
         for seed in options.seeds:
-            config, control = run_config(options, variant, seed), jobs[
-                options.seeds.index(seed)]
-            shares_warmup = not config.differences(control.config, allowed=WARMUP_INVARIANT)
-            jobs.append(TrainJob(config, run_path(options, variant, seed),
-                                 fork=control.run_dir if shares_warmup else None))
+            add(run_config(options, variant, seed), run_path(options, variant, seed), seed)
+    for index, row in enumerate(ablation_rows(options)):
+        for seed in (s for s in options.seeds if not row.same_as):
+            add(run_config(options, REPLICA, seed, row.fixes, name=f"ablation{index}"),
+                ablation_path(options, index, row, seed), seed)
     return jobs
 
 
@@ -130,8 +180,17 @@ def run_study(options: StudyOptions) -> dict[str, list[RunData]]:
     return load_study_runs(options)
 
 
+def _existing(paths: list[Path]) -> list[RunData]:
+    return [load_run(p) for p in paths if (p / "config.yaml").is_file()]
+
+
 def load_study_runs(options: StudyOptions) -> dict[str, list[RunData]]:
     """The study's runs that exist, by variant (a run not started yet is left out)."""
-    paths = {v: [run_path(options, v, seed) for seed in options.seeds] for v in options.variants}
-    return {variant: [load_run(p) for p in found if (p / "config.yaml").is_file()]
-            for variant, found in paths.items()}
+    return {v: _existing([run_path(options, v, seed) for seed in options.seeds])
+            for v in options.variants}
+
+
+def load_ablation_runs(options: StudyOptions) -> dict[str, list[RunData]]:
+    """The ablation's runs that exist, by row label, in row order."""
+    return {row.label: _existing([ablation_path(options, i, row, s) for s in options.seeds])
+            for i, row in enumerate(ablation_rows(options))}

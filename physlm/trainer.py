@@ -70,6 +70,7 @@ class Trainer:
         self.run.check_same_data(self.corpus.checksums)
 
         self.model, self.penalty = build_model(config, len(self.corpus.vocab))
+        self.koopman = getattr(self.model, "koopman", None)
         trained = [m for m in (self.model, self.penalty) if m is not None]
         self.modules = torch.nn.ModuleList(trained).to(self.device)
         trainable = [p for p in self.modules.parameters() if p.requires_grad]
@@ -172,27 +173,38 @@ class Trainer:
             self.previous_embeddings = out.token_embeddings.detach()
             self.previous_batch_size = batch_size
         energy_loss = penalty.loss(terms.mse) if terms else torch.zeros((), device=x.device)
+        koopman = self.koopman.terms(out.hidden_states) if self.koopman and physics_on else None
+        # The auxiliary objective (energy penalty and/or Koopman loss) is accounted and
+        # clipped as one gradient g_E (physlm.gradients).
+        auxiliary = energy_loss + physics.koopman_weight * koopman.loss if koopman else energy_loss
+        has_auxiliary = terms is not None or koopman is not None
 
         self.optimizer.zero_grad(set_to_none=True)
         weight = share * self.world if self.world > 1 else 1.0  # the mean over processes
         parameters = self.optimizer.param_groups[0]["params"]
         clip = self.config.train.grad_clip
-        energy = (gradients.energy_gradients(energy_loss * weight, parameters, self.world)
-                  if terms else None)
+        energy = (gradients.energy_gradients(auxiliary * weight, parameters, self.world)
+                  if has_auxiliary else None)
         (out.loss * weight if self.world > 1 else out.loss).backward()
         distributed.average_gradients(parameters, self.world)
         # Heads fitted in the warmup are clipped apart: the LM step must be the control's.
         clip_mode = physics.clip_mode if physics_on else "separate"
         grads = (gradients.combine_and_clip(parameters, energy, clip, clip_mode)
-                 if terms else gradients.clip_without_energy(parameters, clip))
+                 if has_auxiliary else gradients.clip_without_energy(parameters, clip))
 
         stats = {"lm_loss": out.loss.detach().reshape(1), "expert_load": out.expert_load}
         if terms:
             stats.update({name: getattr(terms, name).detach() for name in TERM_RECORD})
+        if koopman:
+            stats.update(koopman_consistency=koopman.consistency.detach(),
+                         koopman_reconstruction=koopman.reconstruction.detach())
         stats = distributed.global_mean(stats, share, self.world)
         lm_loss = stats["lm_loss"][0]
         energy_loss = penalty.loss(stats["mse"]) if terms else energy_loss.detach()
         loss = lm_loss + energy_loss
+        if koopman:
+            loss = loss + physics.koopman_weight * (stats["koopman_consistency"]
+                                                    + stats["koopman_reconstruction"]).mean()
         bad = ~(torch.isfinite(loss) & torch.isfinite(grads.grad_norm))
         self.optimizer.found_inf = bad.float()      # the fused kernel skips the update if set
         if warmup := self.config.train.lr_warmup_steps:   # linear warmup, then constant
@@ -210,6 +222,11 @@ class Trainer:
                            for name in TERM_RECORD})
             record.update(energy_computed=terms is not None,
                           lambda_per_layer=penalty.lambdas.detach().clone())
+        if self.koopman is not None:
+            zeros = torch.zeros(self.config.model.n_layers, device=x.device)
+            record.update(koopman_computed=koopman is not None, **{
+                f"{name}_per_layer": stats[name].float() if koopman else zeros
+                for name in ("koopman_consistency", "koopman_reconstruction")})
         return record
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -272,11 +289,13 @@ class Trainer:
         """The finished epoch: its running totals, validation, and the multipliers."""
         with_energy = self.penalty is not None
         record = {"epoch": self.epoch, "phase": self.config.phase(self.epoch),
-                  **self.totals.summary(with_energy), **validation}
+                  **self.totals.summary(with_energy, self.koopman is not None), **validation}
         record["time_s"] = record["train_time_s"] + validation["val_time_s"]
         if with_energy:
             lambdas = self.penalty.lambdas.tolist()
             record.update({"lambda": sum(lambdas) / len(lambdas), "lambda_per_layer": lambdas})
+        if self.koopman is not None:
+            record["koopman_spectral_radius"] = self.koopman.spectral_radius()
         return record
 
     # ---------------------------------------------------------------- run directory

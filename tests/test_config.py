@@ -167,11 +167,12 @@ def test_setting_rules_are_declared_on_the_fields():
         "lambda_lr", "energy_target_drift", "lambda_min", "lambda_max", "device", "progress",
         "resume", "overwrite", "checkpoint_every", "max_bad_steps", "data_dir", "train_file",
         "valid_file", "energy_scale", "clip_mode", "fit_heads_in_warmup", "lambda_kp",
-        "lambda_scope"} | judging
+        "lambda_scope", "lambda_in_optimizer", "koopman_weight"} | judging
     # Nothing that shapes the model, the data or the optimisation leaves the warmup alone.
     assert not keys_tagged(WARMUP_INVARIANT) & {"d_model", "seed", "lr", "batch_size",
                                                 "physics_start_epoch", "max_train_batches",
-                                                "fit_heads_in_warmup", "lambda_energy_init"}
+                                                "fit_heads_in_warmup", "lambda_energy_init",
+                                                "bk_mode", "bk_gradient", "router", "koopman"}
 
 
 def test_control_and_differences():
