@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--train-file", default=str(TRAIN_FILE))
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tabulate the runs that exist (a stopped grid)")
     args = parser.parse_args()
 
     recipe = read_params_file(args.params)
@@ -71,17 +73,24 @@ def main() -> None:
                             "progress": False})
         jobs.append((point, TrainJob(config, root / label)))
     started = time.perf_counter()
-    run_jobs([job for _, job in jobs], workers=args.workers)
+    if not args.report_only:
+        run_jobs([job for _, job in jobs], workers=args.workers)
 
     results = []
     for point, job in jobs:
-        epochs = load_run(job.run_dir).epochs
+        epochs = load_run(job.run_dir).epochs if (Path(job.run_dir) / "config.yaml").is_file() \
+            else None
+        if epochs is None or not len(epochs):
+            continue
         best = epochs.loc[epochs.val_loss.idxmin()]
-        results.append({**point, "heldout_ppl_best": float(best.val_ppl),
-                        "best_epoch": int(best.epoch),
+        results.append({**point, "epochs_trained": len(epochs),
+                        "heldout_ppl_best": float(best.val_ppl), "best_epoch": int(best.epoch) + 1,
                         "heldout_ppl_final": float(epochs.val_ppl.iloc[-1]),
                         "heldout_ppl_per_epoch": [round(float(p), 1) for p in epochs.val_ppl]})
-    chosen = min(results, key=lambda r: r["heldout_ppl_best"])
+    # Chosen among the settings that trained the whole budget; a setting stopped early
+    # (diverging) stays in the record with the epochs it trained.
+    chosen = min((r for r in results if r["epochs_trained"] == args.epochs),
+                 key=lambda r: r["heldout_ppl_best"])
     record = {"what": f"tuning of {args.params} on a held-out slice of the proxy's TRAIN "
                       "split (the validation split is never read)",
               "train_file": str(Path(args.train_file).name),
@@ -91,11 +100,11 @@ def main() -> None:
               "chosen": chosen}
     out = ROOT / "benchmarks" / "results" / f"tune-{name}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
-    print("\n| setting | best held-out PPL (epoch) | final |\n|---|---:|---:|")
+    print("\n| setting | epochs | best held-out PPL (epoch) | last |\n|---|---:|---:|---:|")
     for r in sorted(results, key=lambda r: r["heldout_ppl_best"]):
         label = ", ".join(f"{key} {r[key]}" for key in axes)
-        print(f"| {label} | {r['heldout_ppl_best']:.1f} ({r['best_epoch']}) | "
-              f"{r['heldout_ppl_final']:.1f} |")
+        print(f"| {label} | {r['epochs_trained']} | {r['heldout_ppl_best']:.1f} "
+              f"({r['best_epoch']}) | {r['heldout_ppl_final']:.1f} |")
     print(f"\nchosen: {chosen}; written to {out}")
 
 

@@ -103,7 +103,7 @@ def drift_figure(run: RunData) -> Figure:
     epochs = run.phase("physics")
     if "energy_steps" in epochs:
         epochs = epochs[epochs["energy_steps"] > 0]
-    if len(epochs):
+    if len(epochs) and "drift" in epochs:    # a Koopman run has physics epochs, no energy
         x = epochs["epoch"].astype(int) + 1
         per_epoch.plot(x, epochs["drift"], "o-", label="epoch mean")
         per_epoch.plot(x, epochs["drift_max"], "v:", label="epoch max")

@@ -22,9 +22,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from physlm.config import Config, from_flat
+from physlm.config import Config
 
 
 @dataclass(frozen=True)
@@ -45,16 +44,16 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _train(flat: dict[str, Any], run_dir: str, fork: str | None,
-           until_epoch: int | None) -> tuple[str, int, bool]:
-    """Worker side: fork if possible, then train; returns (run_dir, epochs, forked)."""
+def run_job(job: TrainJob) -> tuple[str, int, bool]:
+    """One job, in this process: fork if possible, then train (or resume, or skip a finished
+    run); returns (run_dir, epochs, forked). What a worker of any engine calls (README)."""
     from physlm.runs import RunDirectory
     from physlm.trainer import train
 
-    config = from_flat(flat)
-    run = RunDirectory(run_dir)
-    forked = fork is not None and run.fork_from(RunDirectory(fork), config)
-    return run_dir, len(train(config, run_dir, until_epoch=until_epoch)), forked
+    run = RunDirectory(job.run_dir)
+    forked = job.fork is not None and run.fork_from(RunDirectory(job.fork), job.config)
+    epochs = len(train(job.config, job.run_dir, until_epoch=job.until_epoch))
+    return str(job.run_dir), epochs, forked
 
 
 def threads_per_worker(workers: int) -> int:
@@ -80,9 +79,7 @@ def run_jobs(jobs: list[TrainJob], workers: int = 1) -> list[tuple[str, int, boo
                 if len(running) >= workers:   # the rest waits: forks may become ready first
                     break
                 waiting.remove(job)
-                running[pool.submit(_train, job.config.to_flat(), str(job.run_dir),
-                                    None if job.fork is None else str(job.fork),
-                                    job.until_epoch)] = job
+                running[pool.submit(run_job, job)] = job
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 job = running.pop(future)

@@ -1,55 +1,37 @@
-"""The study's statistics and report: every variant against the control, with its spread.
+"""The study's report: every variant against the control, with its spread.
 
-For variant v and seed s, d_s = PPL_v,s - PPL_control,s (validation perplexity at the
-final epoch, and at each run's best epoch). Over n seeds the mean difference gets a
-paired-t 95% interval, mean +- t_{0.975, n-1} sd / sqrt(n) (from 5 seeds, also a
-percentile bootstrap of the mean). A difference "exceeds the seed spread" when its
-interval excludes 0. Every sentence of the conclusion is a template filled from one such
-comparison, so none says more than the numbers.
+Every sentence of the conclusion is a template filled from one paired comparison
+(physlm.statistics), so none says more than the numbers.
 """
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime
 from pathlib import Path
 
 import jinja2
-import numpy as np
 import pandas as pd
-from scipy import stats
 
-from physlm import plots
+from physlm import history, plots
 from physlm.config import Config
 from physlm.provenance import git_commit
 from physlm.report import fmt, portable, table
 from physlm.runs import RunData
-from physlm.study import CONTROL, StudyOptions, study_dir
+from physlm.statistics import numbers, paired
+from physlm.study import (
+    CONTROL,
+    REPLICA,
+    StudyOptions,
+    ablation_rows,
+    load_ablation_runs,
+    study_dir,
+)
 
 PHASES = {"plain": "Phase 1: ResNet-BK (plain)", "koopman": "Phase 2: Koopman ResNet-BK",
           "physics_reference": "Phase 3: physics, reference recipe",
           "physics_recommended": "Phase 3: physics, recommended recipe",
           "physics_depth": "Phase 3: physics, depth energy", CONTROL: "Control (physics off)",
           "lstm": "Baseline: LSTM (tied)", "transformer": "Baseline: Transformer (GPT)"}
-
-
-def run_numbers(run: RunData) -> dict[str, float]:
-    epochs = run.epochs
-    best = epochs.loc[epochs["val_ppl"].astype(float).idxmin()]
-    return {"final": float(epochs["val_ppl"].iloc[-1]), "best": float(best["val_ppl"]),
-            "best_epoch": int(best["epoch"]) + 1,
-            "parameters": run.env.get("parameters", {}).get("total", math.nan),
-            "tokens_per_s": float(epochs["tokens_per_s"].mean()),
-            "finished": run.finished}
-
-
-def numbers(runs: dict[str, list[RunData]]) -> pd.DataFrame:
-    """One row per finished run: variant, seed, final and best val PPL, best epoch, size,
-    speed (an unfinished run is left out: its last epoch is not its final one)."""
-    return pd.DataFrame([{"variant": variant, "seed": run.config.train.seed, **run_numbers(run)}
-                         for variant, seeds in runs.items() for run in seeds if run.finished],
-                        columns=["variant", "seed", "final", "best", "best_epoch", "parameters",
-                                 "tokens_per_s", "finished"])
 
 
 def study_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -63,26 +45,6 @@ def study_table(frame: pd.DataFrame) -> pd.DataFrame:
         "Final val PPL (sd)": grouped["final"].std().to_numpy(),
         "Best epoch (mean)": grouped["best_epoch"].mean().to_numpy(),
         "Tokens/s (mean)": grouped["tokens_per_s"].mean().to_numpy()})
-
-
-def paired(frame: pd.DataFrame, variant: str, metric: str) -> dict[str, float] | None:
-    """Variant minus control, seed by seed, with its interval; None without common seeds."""
-    wide = frame.pivot(index="seed", columns="variant", values=metric)
-    if variant not in wide or CONTROL not in wide:
-        return None
-    d = (wide[variant] - wide[CONTROL]).dropna().to_numpy()
-    n = len(d)
-    if n < 2:
-        return None
-    mean, sd = float(d.mean()), float(d.std(ddof=1))
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    result = {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half,
-              "control": float(wide[CONTROL].loc[wide[variant].dropna().index].mean())}
-    if n >= 5:
-        draws = np.random.default_rng(0).choice(d, size=(10_000, n)).mean(axis=1)
-        result["boot_low"], result["boot_high"] = map(float, np.percentile(draws, [2.5, 97.5]))
-    result["exceeds"] = result["low"] > 0 or result["high"] < 0
-    return result
 
 
 def comparisons(frame: pd.DataFrame) -> pd.DataFrame:
@@ -152,6 +114,14 @@ def missing_runs(options: StudyOptions, frame: pd.DataFrame) -> list[str]:
             if (v, s) not in finished]
 
 
+def missing_ablation(options: StudyOptions, ablation: dict[str, list[RunData]]) -> list[str]:
+    """The ablation rows' runs that are not finished, as "ablation row seed s"."""
+    finished = {(label, r.config.train.seed) for label, runs in ablation.items()
+                for r in runs if r.finished}
+    return [f"ablation {row.label} seed {s}" for row in ablation_rows(options)
+            for s in options.seeds if (row.label, s) not in finished]
+
+
 def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) -> Path:
     """reports/<name>.md and its figure, from the study's runs."""
     out = Path(options.report_dir)
@@ -160,6 +130,10 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
     figure = out / options.name / "val_ppl.png"
     curves_figure(runs).savefig(figure, dpi=plots.DPI)
     configs: dict[str, Config] = {v: seeds[0].config for v, seeds in runs.items() if seeds}
+    ablation = load_ablation_runs(options)
+    rows, fix_sentences = history.ablation_table(ablation) if ablation else (None, [])
+    shape, shape_sentences = history.replica_shape(ablation.get(REPLICA, []),
+                                                   runs.get(CONTROL, []))
     env = jinja2.Environment(loader=jinja2.PackageLoader("physlm"), trim_blocks=True,
                              lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     env.filters.update(fmt=fmt, table=table)
@@ -167,7 +141,9 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         o=options, configs=configs, frame=frame, summary=study_table(frame),
         comparisons=comparisons(frame), phases=phase_table(frame),
         conclusion=conclusion(frame), phase_names=PHASES, control=CONTROL,
-        unfinished=missing_runs(options, frame),
+        unfinished=missing_runs(options, frame) + missing_ablation(options, ablation),
+        koopman=history.koopman_table(runs.get("koopman", [])), ablation=rows,
+        fix_sentences=fix_sentences, shape=shape, shape_sentences=shape_sentences,
         figure=figure.relative_to(out).as_posix(), run_dir=portable(study_dir(options)),
         commits=sorted({r.env.get("git_commit") or "n/a" for s in runs.values() for r in s}),
         generator=git_commit() or "n/a", now=datetime.now(UTC).strftime("%Y-%m-%d %H:%M"))

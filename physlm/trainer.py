@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 from physlm import distributed, gradients
 from physlm.checkpoint import load_checkpoint, save_checkpoint
 from physlm.config import Config
-from physlm.data import Corpus, Vocabulary, eval_batches, load_corpus, num_batches, train_batches
-from physlm.metrics import TERM_RECORD, EpochTotals, exp_or_inf, format_epoch, step_record
+from physlm.data import Corpus, Vocabulary, load_corpus, num_batches, train_batches
+from physlm.evaluation import evaluate
+from physlm.metrics import TERM_RECORD, EpochTotals, format_epoch, step_record
 from physlm.model import count_parameters
 from physlm.physics import build_model
 from physlm.provenance import environment_info
@@ -234,35 +235,9 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss: token-weighted and per-batch mean, with their perplexities."""
-        data = self.config.data
-        self.model.eval()
-        start = time.perf_counter()
-        # Sums over batches (each process takes every world-th batch): token-weighted
-        # loss, tokens, per-batch losses, batches.
-        sums = torch.zeros(4, device=self.device, dtype=torch.float64)
-        batches = eval_batches(self.corpus.valid, data.batch_size, data.max_eval_batches,
-                               batching=data.batching)
-        state = None
-        for index, (x, y) in enumerate(batches):
-            if index % self.world != self.rank:
-                continue
-            x, y = x.to(self.device), y.to(self.device)
-            with self._autocast():
-                out = self.model(x, y, state=state if self.streaming else None)
-            loss, state = out.loss.double(), out.state
-            sums += torch.stack([loss * y.numel(), loss.new_tensor(y.numel()), loss,
-                                 loss.new_tensor(1.0)])
-        self.model.train()
-        (sums,) = distributed.sum_across([sums], self.world)
-        loss_sum, tokens, batch_loss_sum, count = sums.tolist()
-        token_weighted, batch_mean = loss_sum / tokens, batch_loss_sum / count
-        return {"val_loss": token_weighted, "val_ppl": exp_or_inf(token_weighted),
-                "val_loss_batch_mean": batch_mean, "val_ppl_batch_mean": exp_or_inf(batch_mean),
-                "val_tokens": int(tokens), "val_batches": int(count),
-                "val_time_s": time.perf_counter() - start}
+        return evaluate(self.model, self.corpus.valid, self.config.data, self.device,
+                        self.rank, self.world, self._autocast)
 
     # ---------------------------------------------------------------- logging
     def _flush(self, window_start: float) -> None:

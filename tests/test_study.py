@@ -8,14 +8,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from physlm import study, study_report
+from physlm import statistics, study, study_report
 from physlm.files import read_jsonl
 from physlm.values import ConfigError
 
 from .conftest import TINY
 
-ALL = ["plain", "physics_reference", "physics_recommended", "physics_depth", "control", "lstm",
-       "transformer"]
+ALL = ["plain", "koopman", "physics_reference", "physics_recommended", "physics_depth",
+       "control", "lstm", "transformer"]
+FIXES = {"causal": {"bk_mode": "causal"}, "exact_gradient": {"bk_gradient": "exact"},
+         "router_gradient": {"router": "scaled"}, "dual_lambda": {"lambda_in_optimizer": False},
+         "separate_clip": {"clip_mode": "separate"}}
 
 
 def tiny_study(tmp_path: Path, **changes) -> study.StudyOptions:
@@ -36,8 +39,27 @@ def test_plan_forks_the_runs_that_share_the_controls_warmup(tmp_path):
               for job in jobs if job.fork}
     assert forked == {(v, f"s{s}"): study.run_path(options, "control", s)
                       for v in ("physics_reference", "physics_depth") for s in (0, 1, 2)}
-    assert len(jobs) == 7 * 3
+    assert len(jobs) == 8 * 3
 
+
+def test_ablation_rows_add_one_fix_each_and_reuse_a_variant_they_equal(tmp_path):
+    options = tiny_study(tmp_path, ablation=FIXES)
+    rows = study.ablation_rows(options)
+    assert [r.label for r in rows] == ["replica", *FIXES]
+    assert rows[2].fixes == {"bk_mode": "causal", "bk_gradient": "exact"}
+    # replica + the first four fixes is the reference recipe: its runs are reused.
+    assert [r.same_as for r in rows] == [None] * 4 + ["physics_reference", None]
+    jobs = {Path(j.run_dir).relative_to(tmp_path / "runs").as_posix(): j
+            for j in study.plan(options)}
+    assert "ablation/4_dual_lambda/s0" not in jobs
+    replica = jobs["ablation/0_replica/s0"].config
+    assert (replica.model.bk_mode, replica.model.bk_gradient, replica.model.router,
+            replica.physics.lambda_in_optimizer, replica.physics.clip_mode) == (
+        "bidirectional", "surrogate", "unscaled", True, "total")
+    # Rows whose warmup is the control's (the fixes of the physics epochs) fork from it.
+    forks = {name: j.fork is not None for name, j in jobs.items() if name.startswith("ablation")}
+    assert forks == {f"ablation/{i}_{label}/s{s}": i in (3, 5)
+                     for i, label in enumerate(["replica", *FIXES]) if i != 4 for s in (0, 1, 2)}
 
 @pytest.mark.parametrize("change, message", [
     ({"variants": ["plain"]}, "must include 'control'"),
@@ -45,6 +67,7 @@ def test_plan_forks_the_runs_that_share_the_controls_warmup(tmp_path):
     ({"seeds": [1, 1]}, "seeds must differ"),
     ({"physics_start_epoch": 2}, "physics must run"),
     ({"epocs": 3}, "did you mean 'epochs'"),
+    ({"ablation": {"a fix": {"bk_mode": "causal"}}}, "ablation fixes are named"),
 ])
 def test_bad_study_settings_are_one_clear_error(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
@@ -54,7 +77,7 @@ def test_bad_study_settings_are_one_clear_error(tmp_path, change, message):
 def test_paired_interval_is_the_t_interval_of_the_seed_differences():
     frame = pd.DataFrame({"variant": ["control"] * 3 + ["x"] * 3, "seed": [0, 1, 2] * 2,
                           "final": [100.0, 110.0, 120.0, 90.0, 104.0, 111.0]})
-    p = study_report.paired(frame, "x", "final")
+    p = statistics.paired(frame, "x", "final")
     d = [-10.0, -6.0, -9.0]
     mean, sd = sum(d) / 3, pd.Series(d).std()
     half = 4.302652729911275 * sd / math.sqrt(3)      # t_{0.975, 2}
@@ -65,7 +88,7 @@ def test_paired_interval_is_the_t_interval_of_the_seed_differences():
 
 @pytest.mark.slow
 def test_a_tiny_study_runs_every_variant_and_reports_them(tmp_path):
-    options = tiny_study(tmp_path)
+    options = tiny_study(tmp_path, ablation={k: FIXES[k] for k in ("causal", "dual_lambda")})
     runs = study.run_study(options)
     assert set(runs) == set(ALL) and all(len(seeds) == 3 for seeds in runs.values())
     assert all(run.finished for seeds in runs.values() for run in seeds)
@@ -77,8 +100,13 @@ def test_a_tiny_study_runs_every_variant_and_reports_them(tmp_path):
     path = study_report.write_study_report(options, runs)
     text = path.read_text()
     for heading in ("## Conclusion", "## Results by variant", "## Paired differences",
-                    "## Comparison with previous phases", "## Variants", "## Provenance"):
+                    "## Comparison with previous phases", "## Phase 2: the Koopman layer",
+                    "## Ablation", "## The replica against the original", "## Variants",
+                    "## Provenance"):
         assert heading in text
+    assert "Phase 2: Koopman ResNet-BK" in text                 # its row of the phase table
+    assert text.count("Fixing **") == 2 and "| + dual_lambda |" in text
+    assert "Unfinished" not in text
     assert (path.parent / "tiny" / "val_ppl.png").is_file()
     assert text.count("than the control on average over 3 seeds") == len(ALL) - 1
     # A second run of the study reuses every finished run.
