@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from physlm.bk_core import _Surrogate, resolvent_diagonal, surrogate_resolvent_diagonal
+from physlm.files import read_jsonl
 from physlm.moe import SparseMoE
-from physlm.trainer import Trainer
+from physlm.runs import RunDirectory
+from physlm.trainer import Trainer, train
 
 
 def _dense_diagonal(diag: torch.Tensor, z: complex) -> torch.Tensor:
@@ -108,3 +110,21 @@ def test_a_dual_variable_gets_only_the_dual_step(tiny_config, tmp_path):
     record = trainer.train_step(torch.randint(0, 300, (8, 16)), y, physics_on=True)
     expected = 0.5 + config.physics.lambda_lr * record["drift_per_layer"].mean().item()
     torch.testing.assert_close(trainer.penalty.lambdas, torch.full((2,), expected))
+
+
+def test_a_replica_forked_from_a_dual_variable_warmup_equals_one_trained_alone(
+        tiny_config, tmp_path):
+    """lambda gets no gradient before the physics epochs, so a run whose multipliers are
+    AdamW parameters may start from a warmup whose were not (the study's ablation rows)."""
+    config = tiny_config(epochs=3, physics_start_epoch=2)
+    replica = tiny_config(epochs=3, physics_start_epoch=2, lambda_in_optimizer=True)
+    train(config, tmp_path / "dual")
+    assert RunDirectory(tmp_path / "forked").fork_from(RunDirectory(tmp_path / "dual"), replica)
+    train(replica, tmp_path / "forked")
+    train(replica, tmp_path / "alone")
+    volatile = {"time_s", "tokens_per_s", "val_time_s", "train_time_s"}
+    for name in ("steps", "epochs"):
+        forked, alone = (read_jsonl(getattr(RunDirectory(tmp_path / run), name))
+                         for run in ("forked", "alone"))
+        assert [{k: v for k, v in r.items() if k not in volatile} for r in forked] == \
+            [{k: v for k, v in r.items() if k not in volatile} for r in alone]
