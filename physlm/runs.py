@@ -192,11 +192,15 @@ class RunDirectory:
         """Start this (empty) run at the end of `source`'s warmup, when `config` would train
         the same warmup (it differs from source's settings only in WARMUP_INVARIANT ones);
         return whether it did. Training then resumes from the copied checkpoint."""
-        if self.holds_run or not source.warmup_checkpoint.is_file() or \
-                source.read_config().differences(config, allowed=WARMUP_INVARIANT):
+        if self.holds_run or not source.warmup_checkpoint.is_file():
+            return False
+        source_config = source.read_config()
+        if source_config.differences(config, allowed=WARMUP_INVARIANT):
             return False
         self.create()
         state = load_checkpoint(source.warmup_checkpoint)
+        if config.physics.lambda_in_optimizer and not source_config.physics.lambda_in_optimizer:
+            _add_multipliers_to_optimizer(state)
         state["config"] = config.to_flat()
         save_checkpoint(self.checkpoint, state)
         self.keep_warmup_checkpoint()
@@ -308,3 +312,14 @@ def find_control(run_dir: str | Path, control_dir: str | Path | None = None) -> 
         return load_run(control_dir)
     default = RunDirectory(run_dir).control
     return default.load() if default.config.is_file() else None
+
+
+def _add_multipliers_to_optimizer(state: dict[str, Any]) -> None:
+    """Make the multipliers AdamW parameters (SPEC flaw 4) in a warmup checkpoint whose
+    were not: they are the optimizer's last parameters, without state, which they would not
+    have had either (no gradient reaches lambda before the physics epochs)."""
+    group = state["optimizer"]["param_groups"][0]
+    added = sum(key.startswith("multipliers.") and key.endswith(".value")
+                for key in state["penalty"])
+    group["params"] = [*group["params"], *range(len(group["params"]),
+                                                len(group["params"]) + added)]

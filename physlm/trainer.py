@@ -316,7 +316,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         if self.penalty is not None:
             self.penalty.load_state_dict(state["penalty"])
-        self.optimizer.load_state_dict(self._with_new_multipliers(state["optimizer"]))
+        self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step, self.consecutive_bad = state["global_step"], state["consecutive_bad"]
         self.totals = EpochTotals.from_state(state.get("epoch_totals"))
@@ -333,17 +333,6 @@ class Trainer:
         if self.rank == 0:
             self.run.keep_metrics_until(self.global_step, self.epoch)  # redone work goes
             self.run.write_config(self.config)  # resumable settings (epochs, ...) may change
-
-    def _with_new_multipliers(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """A fork whose multipliers are AdamW parameters (SPEC flaw 4) from a warmup whose
-        were not: they are the last parameters of the group, without AdamW state, which they
-        would not have had either (no gradient reaches lambda before the physics epochs)."""
-        group, ours = saved["param_groups"][0], self.optimizer.param_groups[0]["params"]
-        missing = len(ours) - len(group["params"])
-        if missing and self.penalty is not None and self.config.physics.lambda_in_optimizer \
-                and missing == len(self.penalty.multipliers):
-            group["params"] = [*group["params"], *range(len(group["params"]), len(ours))]
-        return saved
 
     # ---------------------------------------------------------------- sizes
     @property
