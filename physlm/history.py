@@ -136,7 +136,7 @@ def replica_shape(runs: list[RunData], control: list[RunData]) -> tuple[pd.DataF
 
 def koopman_table(runs: list[RunData]) -> pd.DataFrame:
     """Per layer, at the end of training (mean over seeds): K's spectral radius and the
-    last epoch's consistency and reconstruction errors."""
+    last epoch's consistency (and K = I's, its baseline) and reconstruction errors."""
     last = [r.epochs.iloc[-1] for r in runs if r.finished]
     if not last or "koopman_spectral_radius" not in last[0]:
         return pd.DataFrame()
@@ -152,5 +152,6 @@ def koopman_table(runs: list[RunData]) -> pd.DataFrame:
         "Spectral radius (max over seeds)": [max(row["koopman_spectral_radius"][i]
                                                  for row in last) for i in layers],
         "Consistency (last epoch)": [mean("koopman_consistency_per_layer", i) for i in layers],
+        "Consistency of K = I": [mean("koopman_identity_per_layer", i) for i in layers],
         "Reconstruction (last epoch)": [mean("koopman_reconstruction_per_layer", i)
                                         for i in layers]})

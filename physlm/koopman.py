@@ -12,7 +12,9 @@ Linear) maps back. Per layer l = 1..L, on its input h_{l-1} and output h_l:
 
 Relative errors, so that shrinking the lift cannot make them small, and the reconstruction
 term rules out the trivial lift: a constant phi (b = K a = 0) meets consistency exactly
-but leaves psi nothing to reconstruct from (rel = 1).
+but leaves psi nothing to reconstruct from (rel = 1). A residual block moves h little, so
+K = I already has a small consistency error: rel(a, b), logged beside it, is the no-dynamics
+baseline that K's consistency must beat to say the lift linearised anything.
 
 K_l = W_l / max(1, ||W_l||_2): its spectral norm, hence its spectral radius, is at most 1,
 whatever the optimizer does to W_l (init I + 0.01 N(0, 1), the original's). The original's
@@ -58,18 +60,20 @@ class KoopmanLayer(nn.Module):
         return bounded_operator(self.weight)
 
     def errors(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-        """(consistency, reconstruction) of the step before -> after, each a scalar."""
+        """(consistency, reconstruction, consistency of K = I) of the step before -> after,
+        each a scalar; the last is a baseline, outside the graph."""
         a, b = self.lift(before), self.lift(after)
         consistency = relative_error(a @ self.operator.T, b)
         reconstruction = (relative_error(self.unlift(a), before)
                           + relative_error(self.unlift(b), after)) / 2
-        return torch.stack([consistency, reconstruction])
+        return torch.stack([consistency, reconstruction, relative_error(a, b).detach()])
 
 
 @dataclass
 class KoopmanTerms:
     consistency: torch.Tensor      # (L,)
     reconstruction: torch.Tensor   # (L,)
+    identity: torch.Tensor         # (L,) the consistency K = I would have: the baseline
 
     @property
     def loss(self) -> torch.Tensor:
@@ -88,7 +92,7 @@ class Koopman(nn.Module):
         errors = torch.stack([layer.errors(before.float(), after.float()) for layer, before, after
                               in zip(self.layers, hidden_states[:-1], hidden_states[1:],
                                      strict=True)])
-        return KoopmanTerms(consistency=errors[:, 0], reconstruction=errors[:, 1])
+        return KoopmanTerms(*errors.unbind(1))
 
     @torch.no_grad()
     def spectral_radius(self) -> list[float]:

@@ -25,7 +25,8 @@ TERM_RECORD = {"mse": "energy_mse_per_layer", "drift": "drift_per_layer", "kinet
 LAYER_MEAN_OF = {"lambda": "lambda_per_layer", "drift": "drift_per_layer",
                  "energy_mse": "energy_mse_per_layer",
                  "koopman_consistency": "koopman_consistency_per_layer",
-                 "koopman_reconstruction": "koopman_reconstruction_per_layer"}
+                 "koopman_reconstruction": "koopman_reconstruction_per_layer",
+                 "koopman_identity": "koopman_identity_per_layer"}
 # Step statistics averaged over the epoch's applied (not skipped) steps.
 AVERAGED = ("loss", "lm_loss", "energy_loss", "grad_norm", "lm_grad_norm", "energy_grad_norm",
             "clip_factor", "energy_clip_factor")
@@ -33,7 +34,8 @@ AVERAGED = ("loss", "lm_loss", "energy_loss", "grad_norm", "lm_grad_norm", "ener
 LAYER_AVERAGED = ("energy_spread_per_layer", "kinetic_spread_per_layer",
                   "potential_spread_per_layer", "kinetic", "potential")
 # Per-layer Koopman errors averaged over the epoch's Koopman steps.
-KOOPMAN_AVERAGED = ("koopman_consistency_per_layer", "koopman_reconstruction_per_layer")
+KOOPMAN_TERMS = ("consistency", "reconstruction", "identity")
+KOOPMAN_AVERAGED = tuple(f"koopman_{term}_per_layer" for term in KOOPMAN_TERMS)
 
 
 def step_record(pending: dict[str, Any], step_time: float) -> dict[str, Any]:

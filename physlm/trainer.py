@@ -32,7 +32,7 @@ from physlm.checkpoint import load_checkpoint, save_checkpoint
 from physlm.config import Config
 from physlm.data import Corpus, Vocabulary, load_corpus, num_batches, train_batches
 from physlm.evaluation import evaluate
-from physlm.metrics import TERM_RECORD, EpochTotals, format_epoch, step_record
+from physlm.metrics import KOOPMAN_TERMS, TERM_RECORD, EpochTotals, format_epoch, step_record
 from physlm.model import count_parameters
 from physlm.physics import build_model
 from physlm.provenance import environment_info
@@ -197,8 +197,8 @@ class Trainer:
         if terms:
             stats.update({name: getattr(terms, name).detach() for name in TERM_RECORD})
         if koopman:
-            stats.update(koopman_consistency=koopman.consistency.detach(),
-                         koopman_reconstruction=koopman.reconstruction.detach())
+            stats.update({f"koopman_{name}": getattr(koopman, name).detach()
+                          for name in KOOPMAN_TERMS})
         stats = distributed.global_mean(stats, share, self.world)
         lm_loss = stats["lm_loss"][0]
         energy_loss = penalty.loss(stats["mse"]) if terms else energy_loss.detach()
@@ -227,7 +227,7 @@ class Trainer:
             zeros = torch.zeros(self.config.model.n_layers, device=x.device)
             record.update(koopman_computed=koopman is not None, **{
                 f"{name}_per_layer": stats[name].float() if koopman else zeros
-                for name in ("koopman_consistency", "koopman_reconstruction")})
+                for name in (f"koopman_{term}" for term in KOOPMAN_TERMS)})
         return record
 
     def _autocast(self) -> contextlib.AbstractContextManager:

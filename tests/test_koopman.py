@@ -62,9 +62,23 @@ def test_a_constant_lift_meets_consistency_but_not_reconstruction():
     with torch.no_grad():
         for p in layer.lift[-1].parameters():
             p.zero_()
-    consistency, reconstruction = layer.errors(torch.randn(4, 5, 8), torch.randn(4, 5, 8))
+    consistency, reconstruction, _ = layer.errors(torch.randn(4, 5, 8), torch.randn(4, 5, 8))
     assert consistency.item() == pytest.approx(0.0, abs=1e-6)
     assert reconstruction.item() >= 1.0 - 1e-4
+
+
+def test_the_baseline_is_the_consistency_of_the_identity_operator_and_is_not_trained():
+    torch.manual_seed(0)
+    layer = KoopmanLayer(8, 16)
+    before, after = torch.randn(4, 5, 8), torch.randn(4, 5, 8)
+    consistency, _, identity = layer.errors(before, after)
+    identity.backward()   # a baseline, not a loss: no parameter learns from it
+    assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
+    assert identity.item() != pytest.approx(consistency.item(), rel=1e-3)   # W = I + noise
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(16))
+    consistency, _, identity = layer.errors(before, after)
+    assert identity.item() == pytest.approx(consistency.item(), rel=1e-6)
 
 
 def test_a_koopman_run_follows_the_physics_schedule_and_logs_its_operator(tiny_config, tmp_path):
@@ -76,6 +90,7 @@ def test_a_koopman_run_follows_the_physics_schedule_and_logs_its_operator(tiny_c
     for record in records[1:]:
         assert len(record["koopman_consistency_per_layer"]) == 2
         assert all(v > 0 for v in record["koopman_reconstruction_per_layer"])
+        assert all(v > 0 for v in record["koopman_identity_per_layer"])
         assert record["energy_grad_norm"] > 0    # the Koopman gradient, accounted as g_E
     assert all(0 < r <= 1 + 1e-5 for r in records[-1]["koopman_spectral_radius"])
 
