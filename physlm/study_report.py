@@ -75,18 +75,22 @@ def phase_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def conclusion(frame: pd.DataFrame) -> list[str]:
     """Sentences, each filled from one computed comparison (final-epoch PPL)."""
-    sentences = []
-    for variant in frame["variant"].unique():
-        if variant == CONTROL or (p := paired(frame, variant, "final")) is None:
-            continue
-        direction = "lower" if p["mean"] < 0 else "higher"
-        interval = f"95% CI {fmt(p['low'], 'ppl')} to {fmt(p['high'], 'ppl')}"
-        verdict = ("the difference exceeds the seed-to-seed spread" if p["exceeds"] else
-                   "the difference is within the seed-to-seed spread: no effect is shown")
-        sentences.append(f"{PHASES.get(variant, variant)} ends with a validation perplexity "
-                         f"{fmt(abs(p['mean']), 'ppl')} {direction} than the control on average "
-                         f"over {p['n']} seeds ({interval}); {verdict}.")
-    return sentences
+    return [sentence for variant in frame["variant"].unique() if variant != CONTROL
+            and (sentence := comparison_sentence(frame, variant, CONTROL, "the control"))]
+
+
+def comparison_sentence(frame: pd.DataFrame, variant: str, against: str,
+                        against_name: str) -> str | None:
+    """One paired comparison of final-epoch PPL, as a sentence; None without two seeds."""
+    if (p := paired(frame, variant, "final", against)) is None:
+        return None
+    direction = "lower" if p["mean"] < 0 else "higher"
+    interval = f"95% CI {fmt(p['low'], 'ppl')} to {fmt(p['high'], 'ppl')}"
+    verdict = ("the difference exceeds the seed-to-seed spread" if p["exceeds"] else
+               "the difference is within the seed-to-seed spread: no effect is shown")
+    return (f"{PHASES.get(variant, variant)} ends with a validation perplexity "
+            f"{fmt(abs(p['mean']), 'ppl')} {direction} than {against_name} on average over "
+            f"{p['n']} seeds ({interval}); {verdict}.")
 
 
 def curves_figure(runs: dict[str, list[RunData]]) -> plots.Figure:
@@ -143,6 +147,8 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         conclusion=conclusion(frame), phase_names=PHASES, control=CONTROL,
         unfinished=missing_runs(options, frame) + missing_ablation(options, ablation),
         koopman=history.koopman_table(runs.get("koopman", [])), ablation=rows,
+        koopman_vs_plain=comparison_sentence(frame, "koopman", "plain",
+                                             "the plain model (no Koopman loss, same warmup)"),
         fix_sentences=fix_sentences, shape=shape, shape_sentences=shape_sentences,
         figure=figure.relative_to(out).as_posix(), run_dir=portable(study_dir(options)),
         commits=sorted({r.env.get("git_commit") or "n/a" for s in runs.values() for r in s}),
