@@ -78,6 +78,8 @@ def _study(args: argparse.Namespace) -> None:
     from physlm import study, study_report
 
     options = study.load_study(args.params, dict(parse_assignment(t) for t in args.set))
+    if args.report_only:
+        study.sync_records(options)
     runs = study.load_study_runs(options) if args.report_only else study.run_study(options)
     print(study_report.write_study_report(options, runs))
 

@@ -12,6 +12,9 @@
       notebooks/*.ipynb    executed notebooks of each stage (pipeline runs)
       control/             the physics-off control run, a run directory itself
 
+A run's record is what a report reads: config.yaml, env.json and metrics/, without the
+checkpoints, vocabulary or notebooks (~0.4 MB, small enough to commit).
+
 The trainer writes through `RunDirectory`; the report, plots, pipeline and
 notebooks read a finished (or unfinished) run as one typed `RunData`: the
 configuration as a `Config`, env.json as a dict, the metrics as DataFrames.
@@ -140,6 +143,18 @@ class RunDirectory:
         if not self.config.exists():
             return {}
         return self.read_config().differences(config, allowed=RESUMABLE)
+
+    def finished_as(self, config: Config) -> bool:
+        """Holds `config`'s run (same settings) with every epoch done, by its metrics: a run
+        restored from its record has no checkpoint, yet it is done."""
+        return (self.config.is_file() and not self.settings_changed(config)
+                and len(self.epoch_records()) >= config.train.epochs)
+
+    def copy_record_to(self, dest: RunDirectory) -> None:
+        """Copy this run's record (config, provenance, metrics) to `dest`."""
+        for path in (self.config, self.env, self.initial, self.steps, self.epochs):
+            if path.is_file():
+                atomic_write_bytes(dest.root / path.relative_to(self.root), path.read_bytes())
 
     def completed_epochs(self) -> int:
         """Epochs finished according to the checkpoint (0 without a readable one)."""

@@ -14,6 +14,10 @@ The ablation (`ablation`: fixes in order, each a mapping of settings) starts fro
 original's semantics, params/replica.yaml, and adds one fix per row; a row identical to a
 study variant is that variant's runs (physlm.ablation compares each row with the previous).
 
+With `records` set, every finished run's record (physlm.runs: config, provenance, metrics;
+no checkpoints) is kept there, and a run missing here is restored from it: a study can be
+finished over several machines whose runs/ is not kept, and reported on a fresh clone.
+
 Statistics and the report (physlm.study_report) compare every variant with the control,
 seed by seed.
 """
@@ -29,7 +33,7 @@ from typing import Any
 
 from physlm.config import RESUMABLE, WARMUP_INVARIANT, Config, from_flat, read_params_file
 from physlm.pool import TrainJob, run_jobs
-from physlm.runs import RunData, load_run
+from physlm.runs import RunData, RunDirectory, load_run
 from physlm.values import ConfigError, coerce, suggest
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
@@ -54,6 +58,7 @@ class StudyOptions:
     ablation: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_dir: str | None = None                          # default runs/<name>
     report_dir: str = "reports"
+    records: str | None = None                          # finished runs' records, kept there
     workers: int = 2
 
     def validate(self) -> StudyOptions:
@@ -175,9 +180,31 @@ def plan(options: StudyOptions) -> list[TrainJob]:
 
 
 def run_study(options: StudyOptions) -> dict[str, list[RunData]]:
-    """Train (or reuse) every run of the study; return the runs by variant."""
-    run_jobs(plan(options), workers=options.workers)
+    """Train (or reuse) every run of the study; return the runs by variant. Finished runs
+    are not trained again (a restored record has no checkpoint to resume from)."""
+    sync_records(options)
+    try:
+        run_jobs([job for job in plan(options)
+                  if not RunDirectory(job.run_dir).finished_as(job.config)],
+                 workers=options.workers)
+    finally:  # what finished before a crash is kept too
+        sync_records(options)
     return load_study_runs(options)
+
+
+def sync_records(options: StudyOptions) -> None:
+    """Save every finished run's record in `options.records`, and restore the record of a
+    run that is missing here (a record is used only for the same settings)."""
+    if not options.records:
+        return
+    for job in plan(options):
+        run = RunDirectory(job.run_dir)
+        record = RunDirectory(Path(options.records)
+                              / Path(job.run_dir).relative_to(study_dir(options)))
+        if run.finished_as(job.config):
+            run.copy_record_to(record)
+        elif not run.holds_run and record.finished_as(job.config):
+            record.copy_record_to(run)
 
 
 def _existing(paths: list[Path]) -> list[RunData]:

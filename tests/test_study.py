@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +12,7 @@ import pytest
 
 from physlm import statistics, study, study_report
 from physlm.files import read_jsonl
+from physlm.pool import run_job
 from physlm.values import ConfigError
 
 from .conftest import TINY
@@ -113,3 +116,47 @@ def test_a_tiny_study_runs_every_variant_and_reports_them(tmp_path):
     before = {str(r.run.steps): r.run.steps.read_text() for s in runs.values() for r in s}
     study.run_study(options)
     assert all(Path(p).read_text() == text for p, text in before.items())
+
+
+def test_records_let_a_fresh_machine_reuse_finished_runs(tmp_path, monkeypatch):
+    """A study's finished runs are saved as records (no checkpoints) and restored on a machine
+    whose runs/ is gone, so nothing is trained twice; a record of other settings is not."""
+    records = tmp_path / "records"
+    options = tiny_study(tmp_path, variants=["control", "physics_reference"], seeds=[0],
+                         workers=1, records=str(records))
+    trained = study.run_study(options)
+    saved = {p.relative_to(records).as_posix() for p in records.rglob("*") if p.is_file()}
+    assert saved == {f"{v}/s0/{f}" for v in ("control", "physics_reference") for f in (
+        "config.yaml", "env.json", "metrics/initial.json", "metrics/steps.jsonl",
+        "metrics/epochs.jsonl")}
+
+    shutil.rmtree(tmp_path / "runs")                               # a fresh machine
+    submitted: list = []
+    monkeypatch.setattr(study, "run_jobs", lambda jobs, workers: submitted.extend(jobs))
+    restored = study.run_study(options)
+    assert submitted == []
+    for variant in trained:
+        assert restored[variant][0].epochs.equals(trained[variant][0].epochs)
+        assert restored[variant][0].finished
+
+    for change in ({"epochs": 3}, {"overrides": {**options.overrides, "lr": 1e-2}}):
+        submitted.clear()
+        other = dataclasses.replace(options, run_dir=str(tmp_path / "other"), **change)
+        study.run_study(other)                  # a longer budget, another setting: train
+        assert len(submitted) == 2
+        assert not (tmp_path / "other" / "control" / "s0" / "config.yaml").exists()
+
+
+def test_records_keep_the_runs_that_finished_before_a_crash(tmp_path, monkeypatch):
+    options = tiny_study(tmp_path, variants=["control"], seeds=[0, 1], workers=1,
+                         records=str(tmp_path / "records"))
+
+    def crash_after_the_first(jobs, workers):
+        run_job(jobs[0])
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(study, "run_jobs", crash_after_the_first)
+    with pytest.raises(RuntimeError, match="went away"):
+        study.run_study(options)
+    assert (tmp_path / "records" / "control" / "s0" / "metrics" / "epochs.jsonl").is_file()
+    assert not (tmp_path / "records" / "control" / "s1").exists()
