@@ -160,3 +160,14 @@ def test_records_keep_the_runs_that_finished_before_a_crash(tmp_path, monkeypatc
         study.run_study(options)
     assert (tmp_path / "records" / "control" / "s0" / "metrics" / "epochs.jsonl").is_file()
     assert not (tmp_path / "records" / "control" / "s1").exists()
+
+
+def test_the_ablation_params_are_the_studys_runs():
+    """params/ablation.yaml runs part of params/study.yaml: the same runs, budget and fixes."""
+    full, part = study.load_study("params/study.yaml"), study.load_study("params/ablation.yaml")
+    assert set(part.variants) <= set(full.variants)
+    assert study.study_dir(part) == study.study_dir(full) and part.records == full.records
+    for key in ("seeds", "epochs", "physics_start_epoch", "data_params", "ablation"):
+        assert getattr(part, key) == getattr(full, key), key
+    jobs = {str(job.run_dir): job.config for job in study.plan(full)}
+    assert all(jobs[str(job.run_dir)] == job.config for job in study.plan(part))
