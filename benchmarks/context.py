@@ -148,8 +148,8 @@ class MeteredStep:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         total = torch.cuda.get_device_properties(self.device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, (before + self.budget) / total),
-                                                   self.device)
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (before + self.budget) / total), index)
         torch.cuda.reset_peak_memory_stats(self.device)
         self.step()
         torch.cuda.synchronize(self.device)

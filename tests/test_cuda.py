@@ -43,7 +43,7 @@ def test_bk_core_on_cuda_equals_cpu_in_float64(causal):
     weight = torch.randn(4, 300, 2, generator=generator, dtype=torch.float64)
     results = []
     for device in ("cpu", "cuda"):
-        leaf = diag.to(device).requires_grad_()
+        leaf = diag.to(device, copy=True).requires_grad_()   # never diag itself: a fresh leaf
         g = resolvent_diagonal(leaf, 1j, causal=causal)
         (torch.view_as_real(g) * weight.to(device)).sum().backward()
         results.append((g.detach().cpu(), leaf.grad.cpu()))
