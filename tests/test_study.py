@@ -109,6 +109,7 @@ def test_a_tiny_study_runs_every_variant_and_reports_them(tmp_path):
         assert heading in text
     assert "Phase 2: Koopman ResNet-BK" in text                 # its row of the phase table
     assert text.count("Fixing **") == 2 and "| + dual_lambda |" in text
+    assert "each fix alone on the replica (2 more rows) is not run" in text
     assert "Unfinished" not in text
     assert (path.parent / "tiny" / "val_ppl.png").is_file()
     assert text.count("than the control on average over 3 seeds") == len(ALL) - 1
