@@ -1,7 +1,9 @@
 """Gradient accounting and clipping of a physics step.
 
 The step's gradient is the sum of the language-model and energy gradients,
-g = g_LM + g_E, and `clip_mode` decides how it is bounded (c = grad_clip):
+g = g_LM + g_E (g_E: the gradient of all the step's auxiliary objectives together,
+physlm.objectives: the energy penalty, the Koopman loss), and `clip_mode` decides how it
+is bounded (c = grad_clip):
 
     total:     g <- (g_LM + g_E) * min(1, c / |g_LM + g_E|)                 (the reference)
     separate:  g <- g_LM * min(1, c / |g_LM|) + g_E * min(1, c / |g_E|)
@@ -50,10 +52,12 @@ def _factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return (max_norm / (norm + EPS)).clamp(max=1.0)
 
 
-def energy_gradients(energy_loss: torch.Tensor, parameters: Sequence[torch.nn.Parameter],
-                     world: int) -> list[torch.Tensor | None]:
+def energy_gradients(energy_loss: torch.Tensor | None, parameters: Sequence[torch.nn.Parameter],
+                     world: int) -> list[torch.Tensor | None] | None:
     """g_E for each parameter (None where the energy does not reach it), averaged over
-    processes; the graph is kept for the LM backward that follows."""
+    processes; the graph is kept for the LM backward that follows. None without a loss."""
+    if energy_loss is None:
+        return None
     grads = list(torch.autograd.grad(energy_loss, parameters, retain_graph=True,
                                      allow_unused=True))
     if world > 1:
@@ -62,6 +66,15 @@ def energy_gradients(energy_loss: torch.Tensor, parameters: Sequence[torch.nn.Pa
         for i, total in zip(present, totals, strict=True):
             grads[i] = total / world
     return grads
+
+
+def clip(parameters: Sequence[torch.nn.Parameter], energy: Sequence[torch.Tensor | None] | None,
+         max_norm: float, apart: bool) -> GradientStats:
+    """Clip the step's gradient: the LM's alone (`energy` None), or with g_E, each clipped on
+    its own (`apart`: "separate") or the sum at once ("total")."""
+    if energy is None:
+        return clip_without_energy(parameters, max_norm)
+    return combine_and_clip(parameters, energy, max_norm, "separate" if apart else "total")
 
 
 def clip_without_energy(parameters: Sequence[torch.nn.Parameter],

@@ -1,47 +1,38 @@
-"""Training metrics: a step's JSON record, an epoch's running totals, the console line.
+"""Training metrics: a step's JSON record, an epoch's running totals, the console figures.
 
 A step record (metrics/steps.jsonl) holds per-layer statistics as lists
 (`drift_per_layer`, ...) and, under the short name, their mean over layers. An
 epoch record (metrics/epochs.jsonl) is built from running sums of its steps
 (`EpochTotals`), which the checkpoint carries, so an epoch interrupted and
-resumed mid-way gives the same record as an uninterrupted one.
+resumed mid-way gives the same record as an uninterrupted one. Which fields an auxiliary
+objective adds, and how its epoch is summed up, is the objective's (physlm.objectives).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-# EnergyTerms fields logged per step -> their names in the step record.
-TERM_RECORD = {"mse": "energy_mse_per_layer", "drift": "drift_per_layer", "kinetic": "kinetic",
-               "potential": "potential", "spread": "energy_spread_per_layer",
-               "kinetic_spread": "kinetic_spread_per_layer",
-               "potential_spread": "potential_spread_per_layer"}
-# Step statistic -> the per-layer list it is the mean of.
-LAYER_MEAN_OF = {"lambda": "lambda_per_layer", "drift": "drift_per_layer",
-                 "energy_mse": "energy_mse_per_layer",
-                 "koopman_consistency": "koopman_consistency_per_layer",
-                 "koopman_reconstruction": "koopman_reconstruction_per_layer",
-                 "koopman_identity": "koopman_identity_per_layer"}
-# Step statistics averaged over the epoch's applied (not skipped) steps.
+# Fields every step record has, whatever objectives ran: 0 where none computed them.
+STEP_DEFAULTS = {"energy_loss": 0.0}
+# Step statistics averaged over the epoch's applied (not skipped) steps. The gradient figures
+# of the auxiliary objectives keep the energy's names (physlm.gradients).
 AVERAGED = ("loss", "lm_loss", "energy_loss", "grad_norm", "lm_grad_norm", "energy_grad_norm",
             "clip_factor", "energy_clip_factor")
-# Per-layer statistics averaged over the epoch's energy steps, under the same names.
-LAYER_AVERAGED = ("energy_spread_per_layer", "kinetic_spread_per_layer",
-                  "potential_spread_per_layer", "kinetic", "potential")
-# Per-layer Koopman errors averaged over the epoch's Koopman steps.
-KOOPMAN_TERMS = ("consistency", "reconstruction", "identity")
-KOOPMAN_AVERAGED = tuple(f"koopman_{term}_per_layer" for term in KOOPMAN_TERMS)
 
 
-def step_record(pending: dict[str, Any], step_time: float) -> dict[str, Any]:
-    """A step's statistics (device tensors) as a JSON-ready record."""
-    record = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in pending.items()}
-    for name, per_layer in LAYER_MEAN_OF.items():
+def step_record(pending: dict[str, Any], step_time: float,
+                layer_means: dict[str, str]) -> dict[str, Any]:
+    """A step's statistics (device tensors) as a JSON-ready record; `layer_means`: the
+    fields that are the mean over layers of a per-layer list (name -> list's name)."""
+    record = {**STEP_DEFAULTS, **{k: (v.tolist() if isinstance(v, torch.Tensor) else v)
+                                  for k, v in pending.items()}}
+    for name, per_layer in layer_means.items():
         if per_layer in record:
             record[name] = sum(record[per_layer]) / len(record[per_layer])
     record["time_s"] = step_time
@@ -50,8 +41,37 @@ def step_record(pending: dict[str, Any], step_time: float) -> dict[str, Any]:
 
 
 @dataclass
+class Sums:
+    """Running sums of some step fields (numbers, or per-layer lists) over the steps that
+    count, and the maxima of the numbers: plain data, saved in checkpoints."""
+
+    steps: int = 0
+    totals: dict[str, Any] = field(default_factory=dict)
+    maxima: dict[str, float] = field(default_factory=dict)
+
+    def add(self, record: dict[str, Any], keys: tuple[str, ...]) -> None:
+        self.steps += 1
+        for key in keys:
+            value = record[key]
+            if isinstance(value, list):
+                total = self.totals.get(key, [0.0] * len(value))
+                self.totals[key] = [t + v for t, v in zip(total, value, strict=True)]
+            else:
+                self.totals[key] = self.totals.get(key, 0.0) + value
+                self.maxima[key] = max(self.maxima[key], value) if key in self.maxima else value
+
+    def mean(self, key: str) -> Any:
+        """The mean over the counted steps; None when none counted."""
+        if not self.steps:
+            return None
+        total = self.totals[key]
+        return [v / self.steps for v in total] if isinstance(total, list) else total / self.steps
+
+
+@dataclass
 class EpochTotals:
-    """Running sums over one epoch's step records (plain data, saved in checkpoints)."""
+    """Running sums over one epoch's step records (plain data, saved in checkpoints): over
+    all steps, over the applied ones, and per objective over those that computed its term."""
 
     steps: int = 0
     skipped: int = 0
@@ -60,15 +80,9 @@ class EpochTotals:
     applied: dict[str, float] = field(default_factory=dict)   # sums over applied steps
     everything: dict[str, float] = field(default_factory=dict)  # over all (none applied)
     expert_load: list[list[float]] | None = None               # summed over all steps
-    energy_steps: int = 0          # applied steps that computed the energy term
-    energy_mse: float = 0.0
-    drift: float = 0.0
-    drift_max: float = 0.0
-    per_layer: dict[str, list[float]] = field(default_factory=dict)  # over energy steps
-    koopman_steps: int = 0
-    koopman: dict[str, list[float]] = field(default_factory=dict)    # over Koopman steps
+    computed: dict[str, Sums] = field(default_factory=dict)    # objective name -> its sums
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: dict[str, Any], objectives: Sequence[Any]) -> None:
         self.steps += 1
         self.time_s += record["time_s"]
         self.tokens += record["tokens_per_s"] * record["time_s"]
@@ -83,18 +97,13 @@ class EpochTotals:
             return
         for key in AVERAGED:
             self.applied[key] = self.applied.get(key, 0.0) + record[key]
-        if record.get("energy_computed"):
-            self.energy_steps += 1
-            self.energy_mse += record["energy_mse"]
-            self.drift += record["drift"]
-            self.drift_max = max(self.drift_max, record["drift"])
-            _accumulate(self.per_layer, LAYER_AVERAGED, record)
-        if record.get("koopman_computed"):
-            self.koopman_steps += 1
-            _accumulate(self.koopman, KOOPMAN_AVERAGED, record)
+        for objective in objectives:
+            if record.get(objective.flag):
+                self.computed.setdefault(objective.name, Sums()).add(record, objective.averaged)
 
-    def summary(self, with_energy: bool, with_koopman: bool = False) -> dict[str, Any]:
-        """The epoch's training figures: means over applied steps, totals, throughput."""
+    def summary(self, objectives: Sequence[Any]) -> dict[str, Any]:
+        """The epoch's training figures: means over applied steps, totals, throughput, and
+        each objective's own (`Objective.epoch_fields`)."""
         applied = self.steps - self.skipped
         sums, count = (self.applied, applied) if applied else (self.everything, self.steps)
 
@@ -111,17 +120,8 @@ class EpochTotals:
             "expert_load": [[value / self.steps for value in row]
                             for row in self.expert_load or []],
         }
-        if with_energy:  # null, not 0, for an epoch that never computed the energy
-            n = self.energy_steps
-            record.update(train_energy_mse=self.energy_mse / n if n else None,
-                          drift=self.drift / n if n else None,
-                          drift_max=self.drift_max if n else None, energy_steps=n,
-                          **{key: [v / n for v in total] if n else None
-                             for key, total in self.per_layer.items()})
-        if with_koopman:
-            n = self.koopman_steps
-            record.update({key: [v / n for v in self.koopman[key]] if n else None
-                           for key in KOOPMAN_AVERAGED})
+        for objective in objectives:
+            record.update(objective.epoch_fields(self.computed.get(objective.name, Sums())))
         return record
 
     def state_dict(self) -> dict[str, Any]:
@@ -129,24 +129,19 @@ class EpochTotals:
 
     @classmethod
     def from_state(cls, state: dict[str, Any] | None) -> EpochTotals:
-        return cls(**state) if state else cls()
+        if not state:
+            return cls()
+        computed = {name: Sums(**sums) for name, sums in state["computed"].items()}
+        return cls(**{**state, "computed": computed})
 
 
-def _accumulate(sums: dict[str, list[float]], keys: tuple[str, ...],
-                record: dict[str, Any]) -> None:
-    """Add the record's per-layer lists to the running per-layer sums."""
-    for key in keys:
-        total = sums.get(key, [0.0] * len(record[key]))
-        sums[key] = [t + v for t, v in zip(total, record[key], strict=True)]
+def epoch_figures(record: dict[str, Any]) -> str:
+    """An epoch record's figures for a console line (`-` where there is none)."""
+    def number(key: str, spec: str) -> str:
+        return "-" if record.get(key) is None else format(record[key], spec)
 
-
-def format_epoch(record: dict[str, Any], epochs: int, elapsed_s: float | None = None) -> str:
-    """One line per epoch for the console."""
-    text = (f"epoch {record['epoch'] + 1}/{epochs} [{record['phase']}] train "
-            f"{record['train_loss']:.4f} val {record['val_loss']:.4f} ppl {record['val_ppl']:.1f}")
-    if record.get("drift") is not None:
-        text += f" drift {record['drift']:.4g} lambda {record['lambda']:.4g}"
-    return text + f" {record['time_s']:.1f}s {record['tokens_per_s']:.0f} tok/s"
+    return (f"train loss {number('train_loss', '.4f')}  val PPL {number('val_ppl', ',.2f')}"
+            f"  drift {number('drift', '.4g')}  lambda {number('lambda', '.4g')}")
 
 
 def exp_or_inf(x: float) -> float:

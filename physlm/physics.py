@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from physlm.config import Config, ModelConfig, PhysicsConfig
-from physlm.model import BKLayer, ModelOutput, ResNetBK
+from physlm.config import PhysicsConfig
+from physlm.model import ModelOutput
 
 SPREAD_EPS = 1e-12
 
@@ -245,31 +245,3 @@ class EnergyPenalty(nn.Module):
         for layer, multiplier in enumerate(self.multipliers):
             multiplier.update(error[layer] if error.dim() else error, p.lambda_lr,
                               p.lambda_min, p.lambda_max, p.lambda_kp)
-
-
-def build_model(config: Config, vocab_size: int) -> tuple[nn.Module, EnergyPenalty | None]:
-    """The language model and its energy penalty (None without energy heads), seeded.
-
-    Parameters are drawn in the order of the original's single model, block by block
-    (layer l, then its heads), so the initial weights do not depend on where the heads live.
-    The baselines (`architecture` transformer or lstm) have no penalty.
-    """
-    torch.manual_seed(config.train.seed)
-    if config.model.architecture == "transformer":
-        from physlm.transformer import Transformer
-
-        return Transformer(config.model, vocab_size), None
-    if config.model.architecture == "lstm":
-        from physlm.lstm import LSTMLanguageModel
-
-        return LSTMLanguageModel(config.model, vocab_size), None
-    heads: list[EnergyHeads] = []
-
-    def layer_then_heads(model_config: ModelConfig) -> BKLayer:
-        layer = BKLayer(model_config)
-        if model_config.energy_heads:
-            heads.append(EnergyHeads(model_config.d_model))
-        return layer
-
-    model = ResNetBK(config.model, vocab_size, layer_then_heads)
-    return model, EnergyPenalty(config.physics, heads) if heads else None

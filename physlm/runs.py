@@ -35,10 +35,10 @@ from typing import Any
 
 import pandas as pd
 
-from physlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from physlm.checkpoint import load_checkpoint, save_checkpoint
 from physlm.config import RESUMABLE, WARMUP_INVARIANT, Config
+from physlm.errors import CheckpointError, NotWritableError, RunConflictError
 from physlm.files import (
-    NotWritableError,
     append_jsonl,
     atomic_write_bytes,
     atomic_write_text,
@@ -46,12 +46,7 @@ from physlm.files import (
     why_not_writable,
     write_jsonl,
 )
-from physlm.lock import RunBusyError as RunBusyError  # raised by RunDirectory.lock()
 from physlm.lock import run_lock
-
-
-class RunConflictError(RuntimeError):
-    """The run directory holds a different run (other settings or data)."""
 
 
 @dataclass(frozen=True)
@@ -214,8 +209,6 @@ class RunDirectory:
             return False
         self.create()
         state = load_checkpoint(source.warmup_checkpoint)
-        if config.physics.lambda_in_optimizer and not source_config.physics.lambda_in_optimizer:
-            _add_multipliers_to_optimizer(state)
         state["config"] = config.to_flat()
         save_checkpoint(self.checkpoint, state)
         self.keep_warmup_checkpoint()
@@ -327,14 +320,3 @@ def find_control(run_dir: str | Path, control_dir: str | Path | None = None) -> 
         return load_run(control_dir)
     default = RunDirectory(run_dir).control
     return default.load() if default.config.is_file() else None
-
-
-def _add_multipliers_to_optimizer(state: dict[str, Any]) -> None:
-    """Make the multipliers AdamW parameters (SPEC flaw 4) in a warmup checkpoint whose
-    were not: they are the optimizer's last parameters, without state, which they would not
-    have had either (no gradient reaches lambda before the physics epochs)."""
-    group = state["optimizer"]["param_groups"][0]
-    added = sum(key.startswith("multipliers.") and key.endswith(".value")
-                for key in state["penalty"])
-    group["params"] = [*group["params"], *range(len(group["params"]),
-                                                len(group["params"]) + added)]

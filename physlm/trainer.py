@@ -28,21 +28,19 @@ import torch
 from tqdm.auto import tqdm
 
 from physlm import distributed, gradients
+from physlm.build import build_model
 from physlm.checkpoint import load_checkpoint, save_checkpoint
 from physlm.config import Config
 from physlm.data import Corpus, Vocabulary, load_corpus, num_batches, train_batches
+from physlm.errors import TrainingError
 from physlm.evaluation import evaluate
-from physlm.metrics import KOOPMAN_TERMS, TERM_RECORD, EpochTotals, format_epoch, step_record
+from physlm.metrics import EpochTotals, epoch_figures, step_record
 from physlm.model import count_parameters
-from physlm.physics import build_model
+from physlm.objectives import build_objectives
 from physlm.provenance import environment_info
 from physlm.runs import RunDirectory
 
 FLUSH_EVERY_CUDA = 50
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on: too many non-finite steps."""
 
 
 class Trainer:
@@ -71,19 +69,17 @@ class Trainer:
         self.run.check_same_data(self.corpus.checksums)
 
         self.model, self.penalty = build_model(config, len(self.corpus.vocab))
-        self.koopman = getattr(self.model, "koopman", None)
+        self.objectives = build_objectives(config, self.model, self.penalty)
+        self.layer_means = {k: v for o in self.objectives for k, v in o.layer_means.items()}
         trained = [m for m in (self.model, self.penalty) if m is not None]
         self.modules = torch.nn.ModuleList(trained).to(self.device)
-        trainable = [p for p in self.modules.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.train.lr,
-                                           weight_decay=config.train.weight_decay, fused=True)
+        self.optimizer = self.build_optimizer([p for p in self.modules.parameters()
+                                               if p.requires_grad])
         self.epoch = 0              # the epoch in progress (0-based)
         self.batch_in_epoch = 0     # batches of it already trained
         self.global_step = 0
         self.consecutive_bad = 0
         self.totals = EpochTotals()  # the epoch in progress, so far
-        self.previous_embeddings: torch.Tensor | None = None
-        self.previous_batch_size = 0  # global size of the previous batch
         self.carry: Any = None         # recurrent state carried along the batch streams
         self.streaming = config.data.batching == "stream"
         self._pending: list[dict[str, Any]] = []
@@ -110,7 +106,9 @@ class Trainer:
             if self.rank == 0:
                 self.run.append_epoch(record)
                 if self.config.train.progress:
-                    tqdm.write(f"{self.run.label}: {format_epoch(record, epochs)}")
+                    tqdm.write(f"{self.run.label}: epoch {self.epoch + 1}/{epochs} "
+                               f"[{record['phase']}] {epoch_figures(record)}  "
+                               f"{record['time_s']:.1f}s  {record['tokens_per_s']:,.0f} tok/s")
             self.epoch, self.batch_in_epoch, self.totals = self.epoch + 1, 0, EpochTotals()
             self.save_checkpoint()
         distributed.barrier(self.world)
@@ -152,83 +150,60 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, physics_on: bool) -> dict[str, Any]:
         """One optimizer step on the global batch (x, y); returns its metrics as device tensors.
 
-        The energy term is computed on physics steps, and on warmup steps too when the heads
-        are fitted early (then detached from the network, and it never moves lambda). Its
-        gradient is accounted for and clipped apart from the LM's (physlm.gradients). Under
-        torchrun this process trains on its slice of the batch, and every logged statistic
-        is the global-batch value (physlm.distributed).
+        The auxiliary objectives' terms (physlm.objectives) are added to the LM loss; their
+        gradient g_E is accounted for and clipped apart from the LM's (physlm.gradients).
+        Under torchrun this process trains on its slice of the batch, and every logged
+        statistic is the global-batch value (physlm.distributed).
         """
-        physics, penalty = self.config.physics, self.penalty
         batch_size = x.shape[0]
         x, y = (distributed.shard(t, self.rank, self.world) for t in (x, y))
         share = x.shape[0] / batch_size
-        # The reference term compares consecutive batches of the same size only.
-        previous = self.previous_embeddings if self.previous_batch_size == batch_size else None
         with self._autocast():
             out = self.model(x, y, state=self.carry if self.streaming else None)
-            terms = None
-            if penalty is not None and (physics_on or physics.fit_heads_in_warmup):
-                terms = penalty.terms(out, previous, attached=physics_on)
         self.carry = out.state   # a recurrent model's state, for the next batch of the stream
-        if penalty is not None:
-            self.previous_embeddings = out.token_embeddings.detach()
-            self.previous_batch_size = batch_size
-        energy_loss = penalty.loss(terms.mse) if terms else torch.zeros((), device=x.device)
-        koopman = self.koopman.terms(out.hidden_states) if self.koopman and physics_on else None
-        # The auxiliary objective (energy penalty and/or Koopman loss) is accounted and
-        # clipped as one gradient g_E (physlm.gradients).
-        auxiliary = energy_loss + physics.koopman_weight * koopman.loss if koopman else energy_loss
-        has_auxiliary = terms is not None or koopman is not None
+        terms = {o: t for o in self.objectives if (t := o.term(out, batch_size, physics_on))}
 
         self.optimizer.zero_grad(set_to_none=True)
         weight = share * self.world if self.world > 1 else 1.0  # the mean over processes
         parameters = self.optimizer.param_groups[0]["params"]
-        clip = self.config.train.grad_clip
-        energy = (gradients.energy_gradients(auxiliary * weight, parameters, self.world)
-                  if has_auxiliary else None)
+        auxiliary = _total([t.loss for t in terms.values()])
+        energy = gradients.energy_gradients(None if auxiliary is None else auxiliary * weight,
+                                            parameters, self.world)
         (out.loss * weight if self.world > 1 else out.loss).backward()
         distributed.average_gradients(parameters, self.world)
-        # Heads fitted in the warmup are clipped apart: the LM step must be the control's.
-        clip_mode = physics.clip_mode if physics_on else "separate"
-        grads = (gradients.combine_and_clip(parameters, energy, clip, clip_mode)
-                 if has_auxiliary else gradients.clip_without_energy(parameters, clip))
+        grads = gradients.clip(parameters, energy, self.config.train.grad_clip,
+                               apart=any(t.clip_apart for t in terms.values()))
 
-        stats = {"lm_loss": out.loss.detach().reshape(1), "expert_load": out.expert_load}
-        if terms:
-            stats.update({name: getattr(terms, name).detach() for name in TERM_RECORD})
-        if koopman:
-            stats.update({f"koopman_{name}": getattr(koopman, name).detach()
-                          for name in KOOPMAN_TERMS})
-        stats = distributed.global_mean(stats, share, self.world)
+        local = {"lm_loss": out.loss.detach().reshape(1), "expert_load": out.expert_load}
+        for objective, term in terms.items():
+            local.update({objective.loss_field: term.loss.detach(), **term.stats})
+        stats = distributed.global_mean(local, share, self.world)
         lm_loss = stats["lm_loss"][0]
-        energy_loss = penalty.loss(stats["mse"]) if terms else energy_loss.detach()
-        loss = lm_loss + energy_loss
-        if koopman:
-            loss = loss + physics.koopman_weight * (stats["koopman_consistency"]
-                                                    + stats["koopman_reconstruction"]).mean()
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grads.grad_norm))
-        self.optimizer.found_inf = bad.float()      # the fused kernel skips the update if set
-        if warmup := self.config.train.lr_warmup_steps:   # linear warmup, then constant
+        loss = _total([lm_loss, *(stats[o.loss_field] for o in terms)])
+        skipped = ~(torch.isfinite(loss) & torch.isfinite(grads.grad_norm))
+        self.step_optimizer(skipped)
+        record = {**stats, "loss": loss, "lm_loss": lm_loss, "skipped": skipped, **vars(grads)}
+        for objective in self.objectives:
+            record.update(objective.after_step(stats if objective in terms else None, skipped,
+                                               physics_on))
+        return record
+
+    # ---------------------------------------------------------------- the optimizer
+    def build_optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """AdamW over the trained parameters, one group (its params are what is clipped)."""
+        train = self.config.train
+        return torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay,
+                                 fused=True)
+
+    def step_optimizer(self, skipped: torch.Tensor) -> None:
+        """The update, skipped on the device when `skipped` (the fused kernel's `found_inf`,
+        as AMP's grad scaler does), after the learning rate of this step: a linear warmup
+        over `lr_warmup_steps`, then constant."""
+        self.optimizer.found_inf = skipped.float()
+        if warmup := self.config.train.lr_warmup_steps:
             self.optimizer.param_groups[0]["lr"] = self.config.train.lr * min(
                 1.0, (self.global_step + 1) / warmup)
         self.optimizer.step()
-        if terms and physics_on:
-            penalty.update(stats["drift"], skipped=bad)
-        record: dict[str, Any] = {
-            "loss": loss, "lm_loss": lm_loss, "energy_loss": energy_loss, "skipped": bad,
-            "expert_load": stats["expert_load"], **vars(grads)}
-        if penalty is not None:
-            zeros = torch.zeros(self.config.model.n_layers, device=x.device)
-            record.update({TERM_RECORD[name]: (stats[name] if terms else zeros).float()
-                           for name in TERM_RECORD})
-            record.update(energy_computed=terms is not None,
-                          lambda_per_layer=penalty.lambdas.detach().clone())
-        if self.koopman is not None:
-            zeros = torch.zeros(self.config.model.n_layers, device=x.device)
-            record.update(koopman_computed=koopman is not None, **{
-                f"{name}_per_layer": stats[name].float() if koopman else zeros
-                for name in (f"koopman_{term}" for term in KOOPMAN_TERMS)})
-        return record
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp:
@@ -246,9 +221,9 @@ class Trainer:
         if not self._pending:
             return
         step_time = (time.perf_counter() - window_start) / len(self._pending)
-        records = [step_record(pending, step_time) for pending in self._pending]
+        records = [step_record(pending, step_time, self.layer_means) for pending in self._pending]
         for record in records:
-            self.totals.add(record)
+            self.totals.add(record, self.objectives)
             self.consecutive_bad = self.consecutive_bad + 1 if record["skipped"] else 0
         if self.rank == 0:
             self.run.append_steps(records)
@@ -261,16 +236,10 @@ class Trainer:
                 "raise max_bad_steps.")
 
     def epoch_record(self, validation: dict[str, float]) -> dict[str, Any]:
-        """The finished epoch: its running totals, validation, and the multipliers."""
-        with_energy = self.penalty is not None
+        """The finished epoch: its running totals, the objectives' figures, validation."""
         record = {"epoch": self.epoch, "phase": self.config.phase(self.epoch),
-                  **self.totals.summary(with_energy, self.koopman is not None), **validation}
+                  **self.totals.summary(self.objectives), **validation}
         record["time_s"] = record["train_time_s"] + validation["val_time_s"]
-        if with_energy:
-            lambdas = self.penalty.lambdas.tolist()
-            record.update({"lambda": sum(lambdas) / len(lambdas), "lambda_per_layer": lambdas})
-        if self.koopman is not None:
-            record["koopman_spectral_radius"] = self.koopman.spectral_radius()
         return record
 
     # ---------------------------------------------------------------- run directory
@@ -294,7 +263,7 @@ class Trainer:
             return
         save_checkpoint(self.run.checkpoint, {
             "model": self.model.state_dict(),
-            "penalty": None if self.penalty is None else self.penalty.state_dict(),
+            "objectives": {o.name: o.state_dict() for o in self.objectives},
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -304,9 +273,7 @@ class Trainer:
             "rng_cpu": rng_states,
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
             else None,
-            "previous_batch_size": self.previous_batch_size, "carry": self.carry,
-            "previous_embeddings": None if self.previous_embeddings is None
-            else self.previous_embeddings.cpu(),
+            "carry": self.carry,
             "config": self.config.to_flat(),
         })
         if self.batch_in_epoch == 0 and self.epoch == self.config.physics.physics_start_epoch:
@@ -314,22 +281,16 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        if self.penalty is not None:
-            self.penalty.load_state_dict(state["penalty"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        for objective in self.objectives:
+            objective.load_state_dict(state["objectives"][objective.name])
+        self.optimizer.load_state_dict(_with_new_parameters(state["optimizer"], self.optimizer))
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step, self.consecutive_bad = state["global_step"], state["consecutive_bad"]
         self.totals = EpochTotals.from_state(state.get("epoch_totals"))
         torch.set_rng_state(state["rng_cpu"][self.rank % len(state["rng_cpu"])])
         if self.device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        self.previous_batch_size, self.carry = state["previous_batch_size"], state.get("carry")
-        previous = state.get("previous_embeddings")
-        if previous is not None and self.world == 1:
-            self.previous_embeddings = previous.to(self.device)
-        # In data-parallel runs each process compared against its own slice of the previous
-        # batch, which the checkpoint does not hold: the first energy term after a resume
-        # is skipped, as after a batch-size change.
+        self.carry = state["carry"]
         if self.rank == 0:
             self.run.keep_metrics_until(self.global_step, self.epoch)  # redone work goes
             self.run.write_config(self.config)  # resumable settings (epochs, ...) may change
@@ -348,6 +309,22 @@ class Trainer:
     @property
     def finished(self) -> bool:
         return self.epoch >= self.config.train.epochs
+
+
+def _total(terms: list[torch.Tensor]) -> torch.Tensor | None:
+    """((t_0 + t_1) + t_2) + ...: the terms in their order; None for no terms."""
+    return sum(terms[1:], start=terms[0]) if terms else None
+
+
+def _with_new_parameters(saved: dict[str, Any], optimizer: torch.optim.Optimizer
+                         ) -> dict[str, Any]:
+    """A saved optimizer state for `optimizer`, whose group may end with parameters the run
+    saved had not (a run forked from a warmup where lambda was no AdamW parameter, SPEC
+    flaw 4): they start without state, as they had no gradient before either."""
+    group = saved["param_groups"][0]
+    count = len(optimizer.param_groups[0]["params"])
+    group["params"] = [*group["params"], *range(len(group["params"]), count)]
+    return saved
 
 
 def train(config: Config, run_dir: str | Path, until_epoch: int | None = None,

@@ -97,7 +97,7 @@ def test_a_koopman_run_follows_the_physics_schedule_and_logs_its_operator(tiny_c
 
 def test_the_language_model_of_a_koopman_run_starts_as_the_plain_one():
     """The lifts are drawn after the LM: its initial weights equal the plain model's."""
-    from physlm.physics import build_model
+    from physlm.build import build_model
     plain = from_flat({"energy_heads": False, "energy_penalty": False, "vocab_size": 300})
     koopman = from_flat({"energy_heads": False, "energy_penalty": False, "koopman": True,
                          "vocab_size": 300})

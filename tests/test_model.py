@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 
 import physlm.losses
+from physlm.build import build_model
 from physlm.config import Config, ModelConfig, from_flat
 from physlm.losses import linear_cross_entropy
 from physlm.model import ResNetBK, count_parameters
 from physlm.moe import SparseMoE
-from physlm.physics import build_model
 
 
 def test_reference_parameter_counts():

@@ -65,8 +65,8 @@ def test_gradient_norms_and_clip_factors_equal_an_independent_computation(
     y = torch.randint(0, 300, (8, 16))
     trainer.train_step(x, y, physics_on=True)       # the first step sets the previous batch
     x, y = torch.randint(0, 300, (8, 16)), torch.randint(0, 300, (8, 16))
-    lm_norm, energy_norm, total_norm = _independent_step(trainer, x, y,
-                                                         trainer.previous_embeddings)
+    (energy,) = trainer.objectives                  # the energy penalty's
+    lm_norm, energy_norm, total_norm = _independent_step(trainer, x, y, energy.previous)
     record = trainer.train_step(x, y, physics_on=True)
     assert record["energy_computed"]
     assert record["lm_grad_norm"].item() == pytest.approx(lm_norm, rel=1e-4)

@@ -22,10 +22,10 @@ import yaml
 from physlm import criteria as criteria_module
 from physlm import plots, report
 from physlm.__main__ import main
+from physlm.build import build_model
 from physlm.config import from_flat
 from physlm.files import read_jsonl, write_jsonl
 from physlm.model import count_parameters
-from physlm.physics import build_model
 from physlm.runs import find_control, load_run
 from physlm.trainer import train
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from physlm.build import build_model
 from physlm.config import load_config
-from physlm.physics import build_model
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 SCALE_FILES = ["scale_d256.yaml", "long_context.yaml",
