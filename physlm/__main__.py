@@ -11,20 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
 from pathlib import Path
 
 from physlm.config import load_config
-from physlm.values import ConfigError, parse_assignment
-
-
-class CommandError(Exception):
-    """A command's input is unusable: printed as `physlm: <label>: <message>`, exit `code`."""
-
-    def __init__(self, label: str, message: str, code: int) -> None:
-        super().__init__(message)
-        self.label, self.code = label, code
+from physlm.errors import CommandError, ConfigError, known_error, one_line
+from physlm.values import parse_assignment
 
 
 def _config(args: argparse.Namespace):
@@ -64,7 +56,7 @@ def _report(args: argparse.Namespace) -> None:
     try:
         run.read_config()
     except (ConfigError, UnicodeDecodeError) as error:
-        raise CommandError("damaged run directory", f"{run.config}: {_one_line(error)}; "
+        raise CommandError("damaged run directory", f"{run.config}: {one_line(error)}; "
                            "restore the file, or train the run again", 1) from error
     reason = why_not_writable(args.out_dir)
     if reason:
@@ -134,51 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         print("physlm: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as error:
-        known = _known_error(error)
+        known = known_error(error)
         if known is None:
             raise
         label, code = known
-        print(f"physlm: {label}: {_one_line(error)}", file=sys.stderr)
+        print(f"physlm: {label}: {one_line(error)}", file=sys.stderr)
         return code
     return 0
-
-
-def _known_error(error: Exception) -> tuple[str, int] | None:
-    """(label, exit code) of the errors a user can act on: 2 for input, 1 for the run.
-    An error of the operating system is labelled by what it is ("not a directory",
-    "no space left on device", ...) and names its file."""
-    if isinstance(error, CommandError):
-        return error.label, error.code
-    if isinstance(error, ConfigError):
-        return "configuration error", 2
-    from physlm.checkpoint import CheckpointError  # imported here: they import torch
-    from physlm.data import DataError
-    from physlm.distributed import DeviceError
-    from physlm.files import NotWritableError
-    from physlm.runs import RunBusyError, RunConflictError
-    from physlm.trainer import TrainingError
-
-    for kind, label, code in ((DataError, "data error", 2),
-                              (CheckpointError, "checkpoint error", 1),
-                              (TrainingError, "cannot train", 1),
-                              (DeviceError, "cannot train", 1),
-                              (RunBusyError, "run directory busy", 1),
-                              (RunConflictError, "cannot train", 1),
-                              (NotWritableError, "cannot write", 1)):
-        if isinstance(error, kind):
-            return label, code
-    if isinstance(error, OSError):
-        return (error.strerror or "file error").lower(), 1
-    return None
-
-
-def _one_line(error: Exception) -> str:
-    """The message on one line: "a:\n  b\n  c" becomes "a: b; c". An error of the operating
-    system ("[Errno 20] Not a directory: 'x'") is its file names (the label says the rest)."""
-    if isinstance(error, OSError) and error.strerror and error.filename is not None:
-        return " -> ".join(str(name) for name in (error.filename, error.filename2) if name)
-    text = re.sub(r":\s*\n\s*", ": ", str(error).strip())
-    return re.sub(r"\s*\n\s*", "; ", text)
 
 
 if __name__ == "__main__":

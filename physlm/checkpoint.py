@@ -17,13 +17,10 @@ from typing import Any
 
 import torch
 
+from physlm.errors import CheckpointError
 from physlm.files import atomic_write_bytes
 
 FORMAT = "physlm-checkpoint-1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is truncated, foreign or incompatible."""
 
 
 def _remove_stale_temporaries(path: Path) -> None:

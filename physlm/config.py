@@ -30,7 +30,8 @@ from typing import Any, Literal
 
 import yaml
 
-from physlm.values import ConfigError, coerce, suggest
+from physlm.errors import ConfigError
+from physlm.values import coerce, suggest
 
 RESUMABLE = "resumable"
 CONTROL_MAY_DIFFER = "control_may_differ"

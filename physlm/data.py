@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from physlm.config import DataConfig
+from physlm.errors import DataError
 from physlm.fixture import fixture_dir
 
 PAD, UNK = "<pad>", "<unk>"
@@ -37,10 +38,6 @@ _OFFLINE_HELP = (
     "params/wt2_proxy.yaml (data_dir: ../shared/data/wikitext-2-raw, the real-text "
     "proxy); or set dataset: fixture for the bundled synthetic corpus."
 )
-
-
-class DataError(ValueError):
-    """The text could not be found, read or turned into training sequences."""
 
 
 def tokenize(lines: Iterable[str]) -> list[str]:

@@ -20,6 +20,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from physlm.errors import DeviceError
+
 
 def init_from_environment() -> tuple[int, int]:
     """Join the process group torchrun describes in the environment; return (rank, world)."""
@@ -90,10 +92,6 @@ def gather_across(tensor: torch.Tensor, world: int) -> list[torch.Tensor]:
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
-
-
-class DeviceError(RuntimeError):
-    """The device asked for is not available here."""
 
 
 def resolve_device(name: str) -> torch.device:

@@ -16,11 +16,6 @@ from pathlib import Path
 from typing import Any
 
 
-class NotWritableError(PermissionError):
-    """A folder cannot be created or written to, whatever the OS's reason (a PermissionError
-    for the callers that catch that)."""
-
-
 def why_not_writable(folder: str | Path) -> str | None:
     """Why `folder` could not be created or written to, found without creating anything;
     None when it can. (As root, modes do not bind: os.access says so.)"""

@@ -27,15 +27,12 @@ from pathlib import Path
 
 import filelock
 
+from physlm.errors import RunBusyError
 from physlm.files import atomic_write_text
 
 LOCK_NAME, HOLDER_NAME = ".lock", ".lock.holder"
 _held: dict[Path, list] = {}  # resolved root -> [FileLock, depth, folders it created]
 _guard = threading.Lock()
-
-
-class RunBusyError(RuntimeError):
-    """Another process holds the run directory."""
 
 
 def this_command() -> str:

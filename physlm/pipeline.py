@@ -45,10 +45,11 @@ from typing import Any
 from urllib.parse import unquote
 
 from physlm.config import ALIASES, KEYS, Config, from_flat, load_config
+from physlm.errors import USER_ERRORS, ConfigError, StageError, one_line
 from physlm.pool import threads_per_worker
 from physlm.progress import follow, say
 from physlm.runs import RunDirectory, default_run_dir
-from physlm.values import ConfigError, coerce, suggest
+from physlm.values import coerce, suggest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -70,16 +71,6 @@ class PipelineOptions:
 
 PIPELINE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PipelineOptions))
 _OPTION_TYPES = typing.get_type_hints(PipelineOptions)
-
-
-class StageError(RuntimeError):
-    """A stage notebook failed; its executed copy (with the traceback) is kept."""
-
-    def __init__(self, stage: str, ename: str, evalue: str, notebook: Path) -> None:
-        self.stage, self.ename, self.evalue, self.notebook = stage, ename, evalue, notebook
-        super().__init__(f"stage {stage!r} failed with {ename}: {evalue}\n"
-                         f"The executed notebook of the failed stage is kept in {notebook}; "
-                         "open it for the full traceback.")
 
 
 # ------------------------------------------------------------------ parameters
@@ -293,30 +284,11 @@ def write_html_report(executed: str | Path, path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------ errors in notebooks
-def one_line(message: str) -> str:
-    """A multi-line error message as one line (`a:\n  b\n  c` -> `a: b; c`)."""
-    parts = [part.strip() for part in str(message).splitlines() if part.strip()]
-    text = parts[0] if parts else ""
-    for part in parts[1:]:
-        text += (" " if text.endswith(":") else "; ") + part
-    return text
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """physlm's errors whose message says everything: shown without a traceback."""
-    from physlm.checkpoint import CheckpointError
-    from physlm.data import DataError
-    from physlm.files import NotWritableError
-    from physlm.runs import RunBusyError, RunConflictError
-
-    return (ConfigError, DataError, RunConflictError, RunBusyError, NotWritableError,
-            CheckpointError, StageError)
-
-
 def install_error_display(shell: Any = None) -> bool:
-    """Make IPython show physlm's own errors (`user_errors`) as one line, `physlm: <message>`,
-    in the notebook and in the error papermill reports in its terminal; other errors keep their
-    traceback (and `%tb` still prints the full one). Returns whether a shell was found."""
+    """Make IPython show physlm's own errors (physlm.errors.USER_ERRORS) as one line,
+    `physlm: <message>`, in the notebook and in the error papermill reports in its terminal;
+    other errors keep their traceback (and `%tb` still prints the full one). Returns whether
+    a shell was found."""
     if shell is None:
         try:
             from IPython import get_ipython
@@ -330,9 +302,9 @@ def install_error_display(shell: Any = None) -> bool:
              tb_offset: int | None = None) -> list[str]:
         sys.last_type, sys.last_value, sys.last_traceback = etype, value, tb  # for %tb
         sys.last_exc = value
-        stb = [f"physlm: {one_line(str(value))}"]
+        stb = [f"physlm: {one_line(value)}"]
         shell._showtraceback(etype, value, stb)  # what IPython's showtraceback ends with
         return stb
 
-    shell.set_custom_exc(user_errors(), show)
+    shell.set_custom_exc(tuple(USER_ERRORS), show)
     return True

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from physlm.config import RESUMABLE, WARMUP_INVARIANT, Config, from_flat, read_params_file
+from physlm.errors import ConfigError
 from physlm.pool import TrainJob, run_jobs
 from physlm.runs import RunData, RunDirectory, load_run
-from physlm.values import ConfigError, coerce, suggest
+from physlm.values import coerce, suggest
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 CONTROL = "control"

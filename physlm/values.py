@@ -10,9 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A parameter is unknown, of the wrong type, or out of range."""
+from physlm.errors import ConfigError
 
 
 def suggest(key: str, candidates: typing.Iterable[str]) -> str:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from physlm.__main__ import _known_error, _one_line, main
+from physlm.__main__ import main
 from physlm.config import from_flat
+from physlm.errors import known_error, one_line
 
 from .conftest import TINY, one_error_line
 
@@ -135,5 +136,5 @@ def test_missing_data_file_leaves_no_run_directory(tmp_path, capsys):
      "/a -> /b"),
 ])
 def test_os_errors_are_labelled_by_what_they_are(error, label, message):
-    assert _known_error(error) == (label, 1)
-    assert _one_line(error) == message
+    assert known_error(error) == (label, 1)
+    assert one_line(error) == message

@@ -17,10 +17,11 @@ import yaml
 
 from physlm.__main__ import main
 from physlm.config import from_flat
+from physlm.errors import RunBusyError
 from physlm.files import read_jsonl
 from physlm.fixture import fixture_dir, write_fixture_corpus
 from physlm.lock import HOLDER_NAME, LOCK_NAME, holder
-from physlm.runs import RunBusyError, RunDirectory
+from physlm.runs import RunDirectory
 from physlm.trainer import train
 
 from .conftest import REPO_ROOT, TINY

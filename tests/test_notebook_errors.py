@@ -14,6 +14,7 @@ import pytest
 from papermill.exceptions import PapermillExecutionError
 
 from physlm import pipeline
+from physlm.errors import USER_ERRORS, one_line
 from physlm.values import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,15 +42,15 @@ def assert_one_line(error: PapermillExecutionError, outputs: list, message: str)
 
 
 def test_one_line_joins_a_multi_line_message():
-    assert pipeline.one_line("invalid configuration:\n  a must be >= 1\n  b: c\n") == \
+    assert one_line("invalid configuration:\n  a must be >= 1\n  b: c\n") == \
         "invalid configuration: a must be >= 1; b: c"
-    assert pipeline.one_line("stage failed.\nSee x.") == "stage failed.; See x."
-    assert pipeline.one_line("plain") == "plain"
+    assert one_line("stage failed.\nSee x.") == "stage failed.; See x."
+    assert one_line("plain") == "plain"
 
 
 def test_error_display_is_a_no_op_outside_ipython():
     assert pipeline.install_error_display() is False
-    assert ConfigError in pipeline.user_errors()
+    assert ConfigError in USER_ERRORS
 
 
 @pytest.mark.parametrize(("parameters", "message"), [

@@ -17,10 +17,11 @@ import yaml
 
 from physlm import pipeline, progress
 from physlm.config import KEYS, Config, ConfigError, from_flat
+from physlm.errors import RunBusyError
 from physlm.files import append_jsonl, read_jsonl
 from physlm.pipeline import PIPELINE_KEYS, StageError
 from physlm.report import fmt
-from physlm.runs import RunBusyError, RunDirectory, default_run_dir
+from physlm.runs import RunDirectory, default_run_dir
 from physlm.trainer import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
