@@ -4,8 +4,6 @@
                                [--only step,energy,eval,bk,scaling,moe] [--device auto]
                                [--threads N]
 
-(`python -m physlm bench ...` runs this script from a source checkout.)
-
 Sections (all on synthetic tokens, at the reference configuration of SPEC section 2):
 
 - step: one optimizer step through the real `Trainer.train_step` (forward, energy term,
@@ -32,8 +30,8 @@ region, and small operations take milliseconds.
 """
 
 # ruff: noqa: E402
-# (This folder and the checkout go on sys.path before the imports, and physlm is imported
-# before torch: it sets OMP_WAIT_POLICY=PASSIVE unless set, which OpenMP reads once.)
+# (This folder and the checkout go on sys.path before the imports, and OMP_WAIT_POLICY is set
+# before torch is imported: OpenMP reads it once, physlm.passive_openmp.)
 from __future__ import annotations
 
 import sys
@@ -42,7 +40,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [path for path in (str(HERE), str(HERE.parent)) if path not in sys.path]
 
-import physlm  # noqa: F401
+import physlm
+
+physlm.passive_openmp()  # before torch: idle OpenMP threads sleep
 
 # isort: split
 import argparse
@@ -113,10 +113,8 @@ def resolve(name: str) -> torch.device:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """A run's provenance: code version, library versions, hardware."""
-    try:
-        from physlm.provenance import environment_info
-    except ImportError:  # physlm before its run module was split
-        from physlm.run import environment_info
+    from physlm.provenance import environment_info
+
     return environment_info(device)
 
 

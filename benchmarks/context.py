@@ -41,7 +41,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [path for path in (str(HERE), str(HERE.parent)) if path not in sys.path]
 
-import physlm  # noqa: F401  (before torch: OMP_WAIT_POLICY)
+import physlm
+
+physlm.passive_openmp()  # before torch: idle OpenMP threads sleep
 
 # isort: split
 import argparse

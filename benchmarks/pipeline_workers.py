@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import physlm  # noqa: F401  (before torch: physlm's OpenMP default)
 from physlm.config import load_config
 from physlm.pipeline import PipelineOptions, run_pipeline
 

@@ -4,11 +4,17 @@ import os
 
 __version__ = "0.1.0"
 
-# Idle OpenMP threads that spin take the core from the thread doing the work; on a
-# shared 2-core CPU that made a training step of many small operations 2x slower than
-# the naive floor instead of 0.54x (benchmarks/README.md). Effective only when physlm is
-# imported before torch; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def passive_openmp() -> None:
+    """Let idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the variable is set.
+
+    Spinning threads take the core from the thread doing the work: on a shared 2-core CPU a
+    training step of many small operations took 2x the naive floor instead of 0.54x
+    (benchmarks/README.md). OpenMP reads the variable once, when torch loads it, so each
+    entry point calls this before torch is imported: the command line, every notebook's
+    first cell, the pool's worker processes and the benchmarks. Importing physlm does not.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def work_from_repo_root() -> None:

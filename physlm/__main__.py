@@ -3,7 +3,8 @@
     python -m physlm train  --params params/phase3.yaml --set epochs=2 --run-dir runs/x
     python -m physlm report runs/x
     python -m physlm study  --params params/study_smoke.yaml [--set epochs=2] [--report-only]
-    python -m physlm bench  [--quick] [--only step,energy,eval,bk,scaling,moe]
+
+The benchmarks are not part of the package: `python benchmarks/bench.py` (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+import physlm
 from physlm.config import load_config
 from physlm.errors import CommandError, ConfigError, known_error, one_line
 from physlm.values import parse_assignment
@@ -77,20 +79,8 @@ def _study(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    physlm.passive_openmp()   # before any command imports torch
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # the checkout's benchmarks/bench.py, with its own options
-        import importlib.util
-
-        import physlm
-
-        script = Path(physlm.__file__).resolve().parents[1] / "benchmarks" / "bench.py"
-        if not script.is_file():
-            print(f"physlm: bench needs a source checkout: no {script}", file=sys.stderr)
-            return 2
-        spec = importlib.util.spec_from_file_location("bench", script)
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-        return bench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="physlm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -116,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
                        help="override one study setting (repeatable), e.g. epochs=2")
     study.add_argument("--report-only", action="store_true", help="report the runs that exist")
     study.set_defaults(handler=_study)
-
-    commands.add_parser("bench", help="benchmarks (python -m physlm bench -h)")
 
     args = parser.parse_args(argv)
     try:

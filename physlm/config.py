@@ -207,9 +207,10 @@ class Config:
             (t.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: only at epoch ends)"),
             (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
             (p.physics_start_epoch >= 0, "physics_start_epoch must be >= 0"),
-            (p.physics_start_epoch <= t.epochs,
+            (p.physics_start_epoch <= t.epochs or not self.has_physics,
              f"physics_start_epoch ({p.physics_start_epoch}) > epochs ({t.epochs}): physics "
-             "would never run; lower it, or set energy_penalty: false for a run without it"),
+             "would never run; lower it, or set energy_penalty: false (and koopman: false) "
+             "for a run without it"),
             (m.embedding_init_std > 0, "embedding_init_std must be > 0"),
             (p.lambda_min >= 0, "lambda_min must be >= 0"),
             (p.lambda_kp >= 0, "lambda_kp must be >= 0"),
@@ -236,16 +237,28 @@ class Config:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
         return self
 
+    # The physics schedule, one rule: the objectives that follow it (the energy penalty, the
+    # Koopman loss) act from epoch physics_start_epoch on; the epochs before are the warmup.
     @property
-    def trains_with_physics(self) -> bool:
-        """Whether any epoch trains with the energy penalty."""
-        return self.is_physics_epoch(self.train.epochs - 1)
+    def has_physics(self) -> bool:
+        """Whether the run has an objective on the physics schedule (energy penalty, Koopman
+        loss); without one, every epoch is warmup and physics_start_epoch may lie anywhere."""
+        return self.physics.energy_penalty or self.model.koopman
 
     def is_physics_epoch(self, epoch: int) -> bool:
-        """Whether epoch `epoch` (0-based) adds the auxiliary loss (the energy penalty, or
-        the Koopman loss) to the LM loss."""
-        auxiliary = self.physics.energy_penalty or self.model.koopman
-        return auxiliary and epoch >= self.physics.physics_start_epoch
+        """Whether epoch `epoch` (0-based) adds the physics objectives to the LM loss."""
+        return self.has_physics and epoch >= self.physics.physics_start_epoch
+
+    @property
+    def trains_with_physics(self) -> bool:
+        """Whether any epoch trains with the physics objectives."""
+        return self.is_physics_epoch(self.train.epochs - 1)
+
+    @property
+    def warmup_epochs(self) -> int:
+        """Epochs before physics_start_epoch, at most all: where the warmup stage ends and
+        the run keeps the checkpoint that a control or sibling run forks from."""
+        return min(self.physics.physics_start_epoch, self.train.epochs)
 
     def phase(self, epoch: int) -> Literal["warmup", "physics"]:
         return "physics" if self.is_physics_epoch(epoch) else "warmup"

@@ -3,7 +3,7 @@
 `notebooks/phase3.ipynb` collects its papermill parameters, resolves them into a
 `Config` and calls `run_pipeline`, which executes the stage notebooks with papermill:
 
-    warmup.ipynb     train(config, run_dir, until_epoch=physics_start_epoch)  (physics off)
+    warmup.ipynb     train(config, run_dir, until_epoch=config.warmup_epochs)  (physics off)
     physics.ipynb    train(config, run_dir): the remaining epochs, physics penalty on
     control          the same two stages with energy_penalty: false, in <run_dir>/control
     analysis.ipynb   tables, plots and the markdown report (physlm.report), which it also
@@ -161,7 +161,7 @@ def train_stage(stage: str, config: Config, run_dir: Path, label: str = "",
     """
     if stage == "physics":
         config = from_flat({**config.to_flat(), "overwrite": False, "resume": True})
-    until = config.physics.physics_start_epoch if stage == "warmup" else config.train.epochs
+    until = config.warmup_epochs if stage == "warmup" else config.train.epochs
     if stage_done(config, run_dir, until):
         say(f"{label}{stage}: done already ({until} epochs in {run_dir}), reused")
         return

@@ -52,8 +52,7 @@ def _epoch_axis(ax: Axes, run: RunData) -> None:
     """Span all planned epochs and mark the physics start between two epochs."""
     config = run.config
     ax.set_xlim(0.5, max(config.train.epochs, len(run.epochs), 1) + 0.5)
-    start = config.physics.physics_start_epoch
-    _mark_physics_start(ax, start + 0.5 if config.trains_with_physics else None)
+    _mark_physics_start(ax, config.warmup_epochs + 0.5 if config.trains_with_physics else None)
 
 
 def _mark_target(ax: Axes, run: RunData) -> None:

@@ -39,6 +39,9 @@ class TrainJob:
 
 
 def _init_worker(threads: int) -> None:
+    import physlm
+
+    physlm.passive_openmp()   # a fresh process: before torch
     import torch
 
     torch.set_num_threads(threads)

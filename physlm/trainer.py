@@ -53,7 +53,7 @@ class Trainer:
         if config.train.amp and not self.amp:
             warnings.warn("amp: true is ignored on the CPU (no bf16 units); training in float32",
                           stacklevel=2)
-        if config.physics.energy_penalty and not config.trains_with_physics:
+        if config.has_physics and not config.trains_with_physics:
             warnings.warn(f"physics_start_epoch ({config.physics.physics_start_epoch}) == epochs "
                           f"({config.train.epochs}): physics never runs, every epoch is warmup. "
                           "Raise epochs or lower physics_start_epoch to train with the energy "
@@ -276,7 +276,7 @@ class Trainer:
             "carry": self.carry,
             "config": self.config.to_flat(),
         })
-        if self.batch_in_epoch == 0 and self.epoch == self.config.physics.physics_start_epoch:
+        if self.batch_in_epoch == 0 and self.epoch == self.config.warmup_epochs:
             self.run.keep_warmup_checkpoint()  # where a control or a sibling run may fork
 
     def _restore(self, state: dict[str, Any]) -> None:
