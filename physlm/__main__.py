@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import physlm
-from physlm.config import load_config
+from physlm.config import REPORTS_ROOT, load_config
 from physlm.errors import CommandError, ConfigError, known_error, one_line
 from physlm.values import parse_assignment
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = commands.add_parser("report", help="write the markdown report of a saved run")
     report.add_argument("run_dir", type=Path)
-    report.add_argument("--out-dir", type=Path, default=Path("reports"))
+    report.add_argument("--out-dir", type=Path, default=Path(REPORTS_ROOT))
     report.add_argument("--control-dir", type=Path, help="default <run_dir>/control")
     report.add_argument("--name", help="the report's name (default: the run directory's)")
     report.set_defaults(handler=_report)

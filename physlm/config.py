@@ -33,6 +33,11 @@ import yaml
 from physlm.errors import ConfigError
 from physlm.values import coerce, suggest
 
+# Where runs and reports go unless told otherwise (run_dir, report_dir), relative to the
+# working directory: the repository root.
+RUNS_ROOT = "runs"
+REPORTS_ROOT = "reports"
+
 RESUMABLE = "resumable"
 CONTROL_MAY_DIFFER = "control_may_differ"
 WARMUP_INVARIANT = "warmup_invariant"

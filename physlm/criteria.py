@@ -94,11 +94,6 @@ def control_problems(run: RunData, control: RunData) -> list[str]:
     return problems
 
 
-def _best(run: RunData) -> tuple[float, int]:
-    best = run.epochs.loc[run.epochs["val_ppl"].astype(float).idxmin()]
-    return float(best["val_ppl"]), int(best["epoch"]) + 1
-
-
 def ppl_status(ratio: float | None, tolerance: float, control_overfits: bool) -> str:
     if ratio is None:
         return NOT_EVALUATED
@@ -129,8 +124,8 @@ def summarize(run: RunData, control: RunData | None) -> SimpleNamespace:
     problems = control_problems(run, control) if control else ["no control run"]
     comparable = not problems and not run.epochs.empty
     ppl, control_ppl = final_value(run, "val_ppl"), final_value(control, "val_ppl")
-    best, best_epoch = _best(run) if len(run.epochs) else (None, None)
-    control_best, control_best_epoch = _best(control) if control and len(control.epochs) \
+    best, best_epoch = run.best_epoch() if len(run.epochs) else (None, None)
+    control_best, control_best_epoch = control.best_epoch() if control and len(control.epochs) \
         else (None, None)
     overfits = bool(control_best is not None and control_ppl > control_best
                     and control_best_epoch < len(control.epochs))

@@ -3,7 +3,7 @@ ablation from the replica of the original to all fixes.
 
 Ablation: row k is the replica with the first k fixes (physlm.study.ablation_rows). Each
 row is compared with the row before it, paired by seed, as the study compares variants
-with the control (physlm.study_report.paired): the fix "moved" validation perplexity when
+with the control (physlm.statistics.paired): the fix "moved" validation perplexity when
 the paired-t interval of the difference excludes 0. A bidirectional row is not a causal
 language model (position i sees the potential of the token it predicts), so a difference
 involving one is shown but never judged.
@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from physlm.report import fmt
 from physlm.runs import RunData
 from physlm.statistics import numbers, paired
-from physlm.study import REPLICA
+from physlm.text import Table, fmt
 
 LAMBDA_MARK = 1.0   # the original's lambda passed this within its first physics epoch
 
@@ -30,14 +29,20 @@ def is_causal(runs: list[RunData]) -> bool:
     return all(run.config.model.bk_mode == "causal" for run in runs)
 
 
-def ablation_table(rows: dict[str, list[RunData]]) -> tuple[pd.DataFrame, list[str]]:
+# The kinds of the numbers of the ablation's and the replica's tables (physlm.text).
+PPL_COLUMNS = {title: "ppl" for title in ("Best val PPL (mean)", "Best val PPL (sd)",
+                                          "Final val PPL (mean)", "Final val PPL (sd)",
+                                          "Replica val PPL (mean)")}
+
+
+def ablation_table(rows: dict[str, list[RunData]]) -> tuple[Table, list[str]]:
     """One line per row (mean +- sd over seeds; the paired change from the row before) and
-    one generated sentence per fix."""
+    one generated sentence per fix. The first row is the replica, each next one adds a fix."""
     frame = numbers(rows)
     lines, sentences, previous = [], [], None
     for label, runs in rows.items():
         mine = frame[frame["variant"] == label]
-        line = {"Row": label if label == REPLICA else f"+ {label}",
+        line = {"Row": label if previous is None else f"+ {label}",
                 "Causal LM": "yes" if is_causal(runs) else "no (not comparable)",
                 "Seeds": len(mine), "Best val PPL (mean)": mine["best"].mean(),
                 "Best val PPL (sd)": mine["best"].std(),
@@ -53,7 +58,7 @@ def ablation_table(rows: dict[str, list[RunData]]) -> tuple[pd.DataFrame, list[s
             sentences.append(_fix_sentence(label, p, comparable))
         lines.append(line)
         previous = label
-    return pd.DataFrame(lines), sentences
+    return Table(pd.DataFrame(lines), PPL_COLUMNS), sentences
 
 
 def _fix_sentence(label: str, p: dict[str, float], comparable: bool) -> str:
@@ -79,19 +84,18 @@ def lambda_crossing(run: RunData) -> tuple[int, int] | None:
     if not len(above):
         return None
     first = physics.loc[above[0]]
-    start = run.config.physics.physics_start_epoch
     within = int((physics["epoch"] == first["epoch"]).to_numpy()[: above[0] + 1].sum())
-    return int(first["epoch"]) - start + 1, within
+    return int(first["epoch"]) - run.config.warmup_epochs + 1, within
 
 
-def replica_shape(runs: list[RunData], control: list[RunData]) -> tuple[pd.DataFrame,
-                                                                         list[str]]:
+def replica_shape(runs: list[RunData], control: list[RunData]) -> tuple[Table, list[str]]:
     """Per epoch (mean over seeds): the replica's val PPL, its ratio to the warmup-end
     PPL, lambda; the control's ratio beside it. And sentences on the two marks of shape."""
     if not runs:
-        return pd.DataFrame(), []
-    start = runs[0].config.physics.physics_start_epoch
-    tolerance = runs[0].config.criteria.ppl_tolerance
+        return Table(pd.DataFrame()), []
+    config = runs[0].config
+    start = config.warmup_epochs
+    tolerance = config.criteria.ppl_tolerance
 
     def ratios(group: list[RunData]) -> pd.DataFrame:
         curves = pd.DataFrame({r.config.train.seed: r.epochs.set_index("epoch")["val_ppl"]
@@ -105,7 +109,7 @@ def replica_shape(runs: list[RunData], control: list[RunData]) -> tuple[pd.DataF
     mine, theirs = ratios(runs), ratios(control)
     table = pd.DataFrame({
         "Epoch": replica.index.astype(int) + 1,
-        "Phase": ["physics" if e >= start else "warmup" for e in replica.index],
+        "Phase": [config.phase(e) for e in replica.index],
         "Replica val PPL (mean)": replica.mean(axis=1).to_numpy(),
         "Replica / warmup end": mine.mean(axis=1).reindex(replica.index).to_numpy(),
         "Control / warmup end": (theirs.mean(axis=1).reindex(replica.index).to_numpy()
@@ -131,7 +135,7 @@ def replica_shape(runs: list[RunData], control: list[RunData]) -> tuple[pd.DataF
         f"Lambda: it passes {LAMBDA_MARK:g} within the first physics epoch in "
         f"{len(first_epoch)} of {len(runs)} seeds ({detail}; {steps} steps per epoch), as the "
         f"original's did: {'yes' if len(first_epoch) == len(runs) else 'no'}.")
-    return table, sentences
+    return Table(table, PPL_COLUMNS), sentences
 
 
 def koopman_table(runs: list[RunData]) -> pd.DataFrame:

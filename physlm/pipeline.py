@@ -36,7 +36,6 @@ import re
 import sys
 import time
 import types
-import typing
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,12 +43,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from physlm.config import ALIASES, KEYS, Config, from_flat, load_config
+from physlm.config import ALIASES, KEYS, REPORTS_ROOT, Config, from_flat, load_config
 from physlm.errors import USER_ERRORS, ConfigError, StageError, one_line
 from physlm.pool import threads_per_worker
 from physlm.progress import follow, say
 from physlm.runs import RunDirectory, default_run_dir
-from physlm.values import coerce, suggest
+from physlm.values import parse_options, suggest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -65,12 +64,11 @@ class PipelineOptions:
     params_file: str | None = None   # YAML parameter file (flat config keys)
     run_dir: str | None = None       # default runs/<name> (Config.run_name)
     control_run: bool = True         # also train the physics-off baseline in <run_dir>/control
-    report_dir: str = "reports"
+    report_dir: str = REPORTS_ROOT
     workers: int = 1                 # 2: the physics stages of run and control side by side
 
 
 PIPELINE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PipelineOptions))
-_OPTION_TYPES = typing.get_type_hints(PipelineOptions)
 
 
 # ------------------------------------------------------------------ parameters
@@ -99,9 +97,8 @@ def resolve(params: Mapping[str, Any]) -> tuple[Config, Path, PipelineOptions]:
         if key not in KEYS and key not in PIPELINE_KEYS and key not in ALIASES:
             raise ConfigError(f"unknown parameter {key!r}{suggest(key, KEYS + PIPELINE_KEYS)}")
     params = {key: value for key, value in params.items() if value is not None}
-    options = PipelineOptions(**{
-        key: coerce(key, str(value) if isinstance(value, Path) else value, _OPTION_TYPES[key])
-        for key, value in params.items() if key in PIPELINE_KEYS})
+    options = parse_options(PipelineOptions, {key: value for key, value in params.items()
+                                              if key in PIPELINE_KEYS}, "pipeline parameter")
     config = load_config(options.params_file,
                          {key: value for key, value in params.items()
                           if key not in PIPELINE_KEYS})

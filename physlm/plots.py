@@ -70,7 +70,7 @@ def _empty(ax: Axes, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def _label(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
+def set_labels(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -97,7 +97,7 @@ def drift_figure(run: RunData) -> Figure:
     else:
         _empty(per_step, "no step computed the energy")
     _mark_physics_start(per_step, _physics_start_step(run))
-    _label(per_step, "per step (mean over layers)", "step", "drift |E_b - E_a|")
+    set_labels(per_step, "per step (mean over layers)", "step", "drift |E_b - E_a|")
 
     epochs = run.phase("physics")
     if "energy_steps" in epochs:
@@ -111,7 +111,7 @@ def drift_figure(run: RunData) -> Figure:
     else:
         _empty(per_epoch, "no physics epoch")
     _epoch_axis(per_epoch, run)
-    _label(per_epoch, "per epoch", "epoch", "drift")
+    set_labels(per_epoch, "per epoch", "epoch", "drift")
     return figure
 
 
@@ -141,8 +141,8 @@ def lambda_figure(run: RunData) -> Figure:
         _empty(per_epoch, "no multiplier logged")
     _mark_physics_start(per_step, _physics_start_step(run))
     _epoch_axis(per_epoch, run)
-    _label(per_step, "per step", "step", "lambda")
-    _label(per_epoch, "at each epoch end", "epoch", "lambda")
+    set_labels(per_step, "per step", "step", "lambda")
+    set_labels(per_epoch, "at each epoch end", "epoch", "lambda")
     return figure
 
 
@@ -161,8 +161,8 @@ def loss_figure(run: RunData) -> Figure:
         _empty(lm_steps, "no step logged")
     for ax in (lm_steps, energy_steps):
         _mark_physics_start(ax, start)
-    _label(lm_steps, "per step (smoothed): total and LM", "step", "loss")
-    _label(energy_steps, "per step (smoothed): energy", "step", "energy loss")
+    set_labels(lm_steps, "per step (smoothed): total and LM", "step", "loss")
+    set_labels(energy_steps, "per step (smoothed): energy", "step", "energy loss")
 
     epochs = run.epochs
     if len(epochs):
@@ -183,8 +183,8 @@ def loss_figure(run: RunData) -> Figure:
         _empty(lm_epochs, "no finished epoch")
     for ax in (lm_epochs, energy_epochs):
         _epoch_axis(ax, run)
-    _label(lm_epochs, "per epoch", "epoch", "loss")
-    _label(energy_epochs, "per physics epoch: energy", "epoch", "energy loss")
+    set_labels(lm_epochs, "per epoch", "epoch", "loss")
+    set_labels(energy_epochs, "per physics epoch: energy", "epoch", "energy loss")
     return figure
 
 
@@ -201,7 +201,7 @@ def perplexity_figure(run: RunData, control: RunData | None) -> Figure:
     if run.epochs.empty:
         _empty(ax, "no finished epoch")
     _epoch_axis(ax, run)
-    _label(ax, "per epoch" + ("" if control else " (no control run)"), "epoch", "perplexity")
+    set_labels(ax, "per epoch" + ("" if control else " (no control run)"), "epoch", "perplexity")
     return figure
 
 
@@ -223,8 +223,8 @@ def time_figure(run: RunData, control: RunData | None) -> Figure:
         _empty(times, "no finished epoch")
     for ax in (times, speed):
         _epoch_axis(ax, run)
-    _label(times, "time per epoch", "epoch", "seconds")
-    _label(speed, "training throughput", "epoch", "tokens / s")
+    set_labels(times, "time per epoch", "epoch", "seconds")
+    set_labels(speed, "training throughput", "epoch", "tokens / s")
     return figure
 
 
@@ -248,8 +248,8 @@ def gradient_figure(run: RunData) -> Figure:
         _empty(factors, "no gradient accounting logged")
     for ax in (norms, factors):
         _mark_physics_start(ax, _physics_start_step(run))
-    _label(norms, "gradient norm before clipping", "step", "norm")
-    _label(factors, f"clip factor applied ({run.config.physics.clip_mode})", "step", "factor")
+    set_labels(norms, "gradient norm before clipping", "step", "norm")
+    set_labels(factors, f"clip factor applied ({run.config.physics.clip_mode})", "step", "factor")
     return figure
 
 

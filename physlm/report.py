@@ -18,6 +18,7 @@ import pandas as pd
 
 import physlm
 from physlm import plots
+from physlm.config import REPORTS_ROOT
 from physlm.criteria import STATUS, criteria_table, final_value, heads_table, summarize
 from physlm.provenance import git_commit
 from physlm.runs import RunData, find_control, load_run
@@ -165,7 +166,7 @@ def render_report(run: RunData, control: RunData | None, figures: dict[str, Path
     return "\n\n".join(blocks).replace("\0", "\n") + "\n"
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path = "reports",
+def write_report(run_dir: str | Path, out_dir: str | Path = REPORTS_ROOT,
                  control_dir: str | Path | None = None, name: str | None = None) -> Path:
     """Write `<out_dir>/<name>.md` and its figures in `<out_dir>/<name>/` (name: the run
     directory's name); the control is `control_dir`, else `<run_dir>/control`."""

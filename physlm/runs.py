@@ -36,7 +36,7 @@ from typing import Any
 import pandas as pd
 
 from physlm.checkpoint import load_checkpoint, save_checkpoint
-from physlm.config import RESUMABLE, WARMUP_INVARIANT, Config
+from physlm.config import RESUMABLE, RUNS_ROOT, WARMUP_INVARIANT, Config
 from physlm.errors import CheckpointError, NotWritableError, RunConflictError
 from physlm.files import (
     append_jsonl,
@@ -289,6 +289,11 @@ class RunData:
     def finished(self) -> bool:
         return len(self.epochs) >= self.config.train.epochs
 
+    def best_epoch(self) -> tuple[float, int]:
+        """(val PPL, 1-based epoch) of the finished epoch with the lowest val PPL."""
+        best = self.epochs.loc[self.epochs["val_ppl"].astype(float).idxmin()]
+        return float(best["val_ppl"]), int(best["epoch"]) + 1
+
     def phase(self, name: str) -> pd.DataFrame:
         """The epoch records of one phase ("warmup" or "physics")."""
         return self.epochs[self.epochs["phase"] == name]
@@ -306,7 +311,7 @@ class RunData:
 
 def default_run_dir(config: Config) -> Path:
     """Where a run goes unless told otherwise: runs/<name> (the pipeline and the CLI)."""
-    return Path("runs") / config.run_name
+    return Path(RUNS_ROOT) / config.run_name
 
 
 def load_run(run_dir: str | Path) -> RunData:

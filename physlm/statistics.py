@@ -2,28 +2,24 @@
 
 For variant v and seed s, d_s = PPL_v,s - PPL_control,s (validation perplexity at the
 final epoch, and at each run's best epoch). Over n seeds the mean difference gets a
-paired-t 95% interval, mean +- t_{0.975, n-1} sd / sqrt(n) (from 5 seeds, also a
-percentile bootstrap of the mean). A difference "exceeds the seed spread" when its
-interval excludes 0.
+paired-t 95% interval, mean +- t_{0.975, n-1} sd / sqrt(n). A difference "exceeds the seed
+spread" when its interval excludes 0.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 from scipy import stats
 
 from physlm.runs import RunData
-from physlm.study import CONTROL
 
 
 def run_numbers(run: RunData) -> dict[str, float]:
     epochs = run.epochs
-    best = epochs.loc[epochs["val_ppl"].astype(float).idxmin()]
-    return {"final": float(epochs["val_ppl"].iloc[-1]), "best": float(best["val_ppl"]),
-            "best_epoch": int(best["epoch"]) + 1,
+    best, best_epoch = run.best_epoch()
+    return {"final": float(epochs["val_ppl"].iloc[-1]), "best": best, "best_epoch": best_epoch,
             "parameters": run.env.get("parameters", {}).get("total", math.nan),
             "tokens_per_s": float(epochs["tokens_per_s"].mean()),
             "finished": run.finished}
@@ -39,9 +35,9 @@ def numbers(runs: dict[str, list[RunData]]) -> pd.DataFrame:
 
 
 def paired(frame: pd.DataFrame, variant: str, metric: str,
-           against: str = CONTROL) -> dict[str, float] | None:
-    """Variant minus `against` (the control), seed by seed, with its interval; None
-    without two common seeds."""
+           against: str) -> dict[str, float] | None:
+    """Variant minus `against` (the control, a row above), seed by seed, with its interval;
+    None without two common seeds."""
     wide = frame.pivot(index="seed", columns="variant", values=metric)
     if variant not in wide or against not in wide:
         return None
@@ -53,8 +49,5 @@ def paired(frame: pd.DataFrame, variant: str, metric: str,
     half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     result = {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half,
               "control": float(wide[against].loc[wide[variant].dropna().index].mean())}
-    if n >= 5:
-        draws = np.random.default_rng(0).choice(d, size=(10_000, n)).mean(axis=1)
-        result["boot_low"], result["boot_high"] = map(float, np.percentile(draws, [2.5, 97.5]))
     result["exceeds"] = result["low"] > 0 or result["high"] < 0
     return result

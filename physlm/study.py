@@ -12,7 +12,7 @@ control's warmup checkpoint instead of training it again (physlm.runs.fork_from)
 
 The ablation (`ablation`: fixes in order, each a mapping of settings) starts from the
 original's semantics, params/replica.yaml, and adds one fix per row; a row identical to a
-study variant is that variant's runs (physlm.ablation compares each row with the previous).
+study variant is that variant's runs (physlm.history compares each row with the previous).
 
 With `records` set, every finished run's record (physlm.runs: config, provenance, metrics;
 no checkpoints) is kept there, and a run missing here is restored from it: a study can be
@@ -24,51 +24,67 @@ seed by seed.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from physlm.config import RESUMABLE, WARMUP_INVARIANT, Config, from_flat, read_params_file
-from physlm.errors import ConfigError
+from physlm.config import (
+    REPORTS_ROOT,
+    RESUMABLE,
+    RUNS_ROOT,
+    WARMUP_INVARIANT,
+    Config,
+    PhysicsConfig,
+    TrainConfig,
+    from_flat,
+    read_params_file,
+)
+from physlm.errors import ConfigError, one_line
 from physlm.pool import TrainJob, run_jobs
 from physlm.runs import RunData, RunDirectory, load_run
-from physlm.values import coerce, suggest
+from physlm.values import parse_options
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
+# The study's variants, each params/<name>.yaml, with the label the report gives it. Two
+# have a role: CONTROL is the baseline every variant is compared with (the ResNet-BK model,
+# its energy penalty off), REPLICA the original's flaws, where the ablation starts.
 CONTROL = "control"
 REPLICA = "replica"
+VARIANTS = {"plain": "Phase 1: ResNet-BK (plain)", "koopman": "Phase 2: Koopman ResNet-BK",
+            "physics_reference": "Phase 3: physics, reference recipe",
+            "physics_recommended": "Phase 3: physics, recommended recipe",
+            "physics_depth": "Phase 3: physics, depth energy", CONTROL: "Control (physics off)",
+            "lstm": "Baseline: LSTM (tied)", "transformer": "Baseline: Transformer (GPT)"}
 
 
 @dataclass
 class StudyOptions:
-    """The study's own settings; every variant's other settings come from params files."""
+    """The study's own settings; every variant's other settings come from params files. The
+    budget's defaults are the configuration's (physlm.config)."""
 
     name: str = "study"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    variants: list[str] = field(default_factory=lambda: [
-        "plain", "physics_reference", "physics_recommended", "physics_depth", CONTROL,
-        "lstm", "transformer"])
-    epochs: int = 6
-    physics_start_epoch: int = 4
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    epochs: int = TrainConfig.epochs
+    physics_start_epoch: int = PhysicsConfig.physics_start_epoch
     data_params: str | None = "params/wt2_proxy.yaml"   # the data every variant trains on
     overrides: dict[str, Any] = field(default_factory=dict)  # config keys for every run
-    # Fix name -> the settings that fix it, applied one after another to params/replica.yaml.
+    # Fix name -> the settings that fix it, applied one after another to params/replica.yaml
+    # (given as a mapping, or as the name of a YAML file that holds it).
     ablation: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_dir: str | None = None                          # default runs/<name>
-    report_dir: str = "reports"
+    report_dir: str = REPORTS_ROOT
     records: str | None = None                          # finished runs' records, kept there
     workers: int = 2
 
     def validate(self) -> StudyOptions:
+        """The study's own rules; each variant's settings are checked as any run's are
+        (Config.validate: the physics schedule, ...), for the first seed."""
         problems = [message for ok, message in (
             (len(self.seeds) >= 1, "seeds: give at least one seed (3 or more to compare)"),
             (len(set(self.seeds)) == len(self.seeds), "seeds must differ"),
             (CONTROL in self.variants, "variants must include 'control': the baseline"),
-            (0 <= self.physics_start_epoch < self.epochs,
-             "physics_start_epoch must be in [0, epochs): physics must run"),
             (self.workers >= 1, "workers must be >= 1"),
             (all(re.fullmatch(r"[A-Za-z0-9_-]+", fix) for fix in self.ablation),
              "ablation fixes are named by letters, digits, '_' or '-' (a folder name)"))
@@ -76,33 +92,22 @@ class StudyOptions:
         for variant in self.variants + ([REPLICA] if self.ablation else []):
             if not (PARAMS / f"{variant}.yaml").is_file():
                 problems.append(f"variant {variant!r} has no params/{variant}.yaml")
+            elif self.seeds:
+                try:
+                    run_config(self, variant, self.seeds[0])
+                except ConfigError as error:
+                    problems.append(f"variant {variant}: {one_line(error)}")
         if problems:
             raise ConfigError("invalid study:\n  " + "\n  ".join(problems))
         return self
 
 
-STUDY_KEYS = tuple(f.name for f in dataclasses.fields(StudyOptions))
-
-
 def study_options(values: dict[str, Any]) -> StudyOptions:
-    """Options from a flat mapping (a study params file, papermill parameters)."""
-    hints = typing.get_type_hints(StudyOptions)
-    options: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in STUDY_KEYS:
-            raise ConfigError(f"unknown study parameter {key!r}{suggest(key, STUDY_KEYS)}")
-        if value is None:
-            continue
-        if key in ("seeds", "variants"):
-            value = [value] if isinstance(value, int | str) else list(value)
-            options[key] = [coerce(key, v, int if key == "seeds" else str) for v in value]
-        elif key == "overrides":
-            options[key] = dict(value)
-        elif key == "ablation":
-            options[key] = {str(fix): dict(settings) for fix, settings in dict(value).items()}
-        else:
-            options[key] = coerce(key, value, hints[key])
-    return StudyOptions(**options).validate()
+    """Options from a flat mapping (a study params file, papermill parameters); an ablation
+    given as a file name is read from that file."""
+    if isinstance(values.get("ablation"), str):
+        values = {**values, "ablation": read_params_file(values["ablation"])}
+    return parse_options(StudyOptions, values, "study parameter").validate()
 
 
 def load_study(params_file: str | Path | None = None,
@@ -122,7 +127,7 @@ def run_config(options: StudyOptions, variant: str, seed: int,
 
 
 def study_dir(options: StudyOptions) -> Path:
-    return Path(options.run_dir or Path("runs") / options.name)
+    return Path(options.run_dir or Path(RUNS_ROOT) / options.name)
 
 
 def run_path(options: StudyOptions, variant: str, seed: int) -> Path:

@@ -9,29 +9,29 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-import jinja2
 import pandas as pd
 
 from physlm import history, plots
 from physlm.config import Config
+from physlm.history import PPL_COLUMNS
 from physlm.provenance import git_commit
-from physlm.report import fmt, portable, table
 from physlm.runs import RunData
 from physlm.statistics import numbers, paired
 from physlm.study import (
     CONTROL,
     REPLICA,
+    VARIANTS,
     StudyOptions,
     ablation_rows,
     load_ablation_runs,
     study_dir,
 )
+from physlm.text import Table, environment, fmt, portable
 
-PHASES = {"plain": "Phase 1: ResNet-BK (plain)", "koopman": "Phase 2: Koopman ResNet-BK",
-          "physics_reference": "Phase 3: physics, reference recipe",
-          "physics_recommended": "Phase 3: physics, recommended recipe",
-          "physics_depth": "Phase 3: physics, depth energy", CONTROL: "Control (physics off)",
-          "lstm": "Baseline: LSTM (tied)", "transformer": "Baseline: Transformer (GPT)"}
+# The kinds of the numbers of the study's tables (physlm.text), beyond the perplexities'.
+KINDS = {**PPL_COLUMNS, "Val PPL (final, mean)": "ppl", "Val PPL (final, sd)": "ppl",
+         "Parameters": "count", "Tokens/s (mean)": "count", "Relative to control": "change",
+         "vs control": "change"}
 
 
 def study_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -51,7 +51,7 @@ def comparisons(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for variant in frame["variant"].unique():
         for metric in ("final", "best"):
-            if variant == CONTROL or (p := paired(frame, variant, metric)) is None:
+            if variant == CONTROL or (p := paired(frame, variant, metric, CONTROL)) is None:
                 continue
             rows.append({"Variant": variant, "Val PPL at": metric, "Seeds": p["n"],
                          "Difference (mean)": p["mean"], "Difference (sd)": p["sd"],
@@ -65,7 +65,7 @@ def phase_table(frame: pd.DataFrame) -> pd.DataFrame:
     """The original report's "Comparison with Previous Phases", from these runs."""
     summary = study_table(frame).set_index("Variant")
     control = summary.loc[CONTROL, "Final val PPL (mean)"] if CONTROL in summary.index else None
-    rows = [{"Phase": PHASES.get(v, v), "Val PPL (final, mean)": r["Final val PPL (mean)"],
+    rows = [{"Phase": VARIANTS.get(v, v), "Val PPL (final, mean)": r["Final val PPL (mean)"],
              "Val PPL (final, sd)": r["Final val PPL (sd)"], "Seeds": r["Seeds"],
              "Parameters": r["Parameters"],
              "vs control": None if control is None else r["Final val PPL (mean)"] / control - 1}
@@ -88,7 +88,7 @@ def comparison_sentence(frame: pd.DataFrame, variant: str, against: str,
     interval = f"95% CI {fmt(p['low'], 'ppl')} to {fmt(p['high'], 'ppl')}"
     verdict = ("the difference exceeds the seed-to-seed spread" if p["exceeds"] else
                "the difference is within the seed-to-seed spread: no effect is shown")
-    return (f"{PHASES.get(variant, variant)} ends with a validation perplexity "
+    return (f"{VARIANTS.get(variant, variant)} ends with a validation perplexity "
             f"{fmt(abs(p['mean']), 'ppl')} {direction} than {against_name} on average over "
             f"{p['n']} seeds ({interval}); {verdict}.")
 
@@ -107,7 +107,7 @@ def curves_figure(runs: dict[str, list[RunData]]) -> plots.Figure:
         ax.fill_between(x, curves.min(axis=1), curves.max(axis=1), alpha=0.15,
                         color=line.get_color())
     ax.set_yscale("log")
-    plots._label(ax, "", "epoch", "validation perplexity")
+    plots.set_labels(ax, "", "epoch", "validation perplexity")
     return figure
 
 
@@ -138,13 +138,10 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
     rows, fix_sentences = history.ablation_table(ablation) if ablation else (None, [])
     shape, shape_sentences = history.replica_shape(ablation.get(REPLICA, []),
                                                    runs.get(CONTROL, []))
-    env = jinja2.Environment(loader=jinja2.PackageLoader("physlm"), trim_blocks=True,
-                             lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.filters.update(fmt=fmt, table=table)
-    text = env.get_template("study.md.j2").render(
-        o=options, configs=configs, frame=frame, summary=study_table(frame),
-        comparisons=comparisons(frame), phases=phase_table(frame),
-        conclusion=conclusion(frame), phase_names=PHASES, control=CONTROL,
+    text = environment().get_template("study.md.j2").render(
+        o=options, configs=configs, frame=frame, summary=Table(study_table(frame), KINDS),
+        comparisons=Table(comparisons(frame), KINDS), phases=Table(phase_table(frame), KINDS),
+        conclusion=conclusion(frame), phase_names=VARIANTS, control=CONTROL,
         unfinished=missing_runs(options, frame) + missing_ablation(options, ablation),
         koopman=history.koopman_table(runs.get("koopman", [])), ablation=rows,
         koopman_vs_plain=comparison_sentence(frame, "koopman", "plain",

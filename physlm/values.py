@@ -3,14 +3,18 @@ and the closest valid name for a typo. Nothing here knows the settings themselve
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Literal
+from pathlib import PurePath
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from physlm.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def suggest(key: str, candidates: typing.Iterable[str]) -> str:
@@ -25,6 +29,19 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     numbers are expected (YAML reads `1e-3` as a string; the CLI passes text).
     """
     origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin is list:  # one item may stand for a list of one
+        (inner,) = typing.get_args(hint)
+        items = value if isinstance(value, list | tuple) else [value]
+        return [coerce(key, item, inner) for item in items]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of name: value, got "
+                              f"{type(value).__name__} {value!r}")
+        key_type, value_type = typing.get_args(hint)
+        return {coerce(key, k, key_type): coerce(f"{key}.{k}", v, value_type)
+                for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
@@ -69,6 +86,20 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
         raise TypeError(f"no coercion rule for {key}: {hint}")
     name = getattr(hint, "__name__", str(hint))
     raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def parse_options(cls: type[T], values: typing.Mapping[str, Any], what: str) -> T:
+    """A `cls` dataclass from a flat mapping (a params file, papermill parameters, `--set`):
+    each value coerced to its field's type, None meaning "not set" (the field's default);
+    an unknown name is an error naming the closest valid one. `what` names the options."""
+    hints = typing.get_type_hints(cls)
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown {what} {key!r}{suggest(str(key), names)}")
+    return cls(**{key: coerce(key, str(value) if isinstance(value, PurePath) else value,
+                              hints[key])
+                  for key, value in values.items() if value is not None})
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

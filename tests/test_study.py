@@ -68,7 +68,7 @@ def test_ablation_rows_add_one_fix_each_and_reuse_a_variant_they_equal(tmp_path)
     ({"variants": ["plain"]}, "must include 'control'"),
     ({"variants": ["control", "nonexistent"]}, "has no params/nonexistent.yaml"),
     ({"seeds": [1, 1]}, "seeds must differ"),
-    ({"physics_start_epoch": 2}, "physics must run"),
+    ({"physics_start_epoch": 3}, "physics would never run"),
     ({"epocs": 3}, "did you mean 'epochs'"),
     ({"ablation": {"a fix": {"bk_mode": "causal"}}}, "ablation fixes are named"),
 ])
@@ -80,7 +80,7 @@ def test_bad_study_settings_are_one_clear_error(tmp_path, change, message):
 def test_paired_interval_is_the_t_interval_of_the_seed_differences():
     frame = pd.DataFrame({"variant": ["control"] * 3 + ["x"] * 3, "seed": [0, 1, 2] * 2,
                           "final": [100.0, 110.0, 120.0, 90.0, 104.0, 111.0]})
-    p = statistics.paired(frame, "x", "final")
+    p = statistics.paired(frame, "x", "final", "control")
     d = [-10.0, -6.0, -9.0]
     mean, sd = sum(d) / 3, pd.Series(d).std()
     half = 4.302652729911275 * sd / math.sqrt(3)      # t_{0.975, 2}
