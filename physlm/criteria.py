@@ -19,7 +19,7 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -107,7 +107,62 @@ def final_value(run: RunData | None, key: str) -> float | None:
     return float(run.epochs[key].iloc[-1]) if has else None
 
 
-def summarize(run: RunData, control: RunData | None) -> SimpleNamespace:
+@dataclass
+class Summary:
+    """The headline numbers of a run against its control; None where there is nothing to
+    measure (no physics step, no control, no finished epoch)."""
+
+    epochs_done: int
+    epochs_planned: int
+    # Energy: the drift over all physics steps, in the steady state, against the target.
+    target: float
+    drift_mean: float | None
+    drift_max: float | None
+    drift_steps: int                  # physics steps that computed the energy
+    steady_drift: float | None
+    settle: int                       # physics epochs left out of the steady state
+    floor: float                      # the spread of H at or below which a layer degenerates
+    spread_min: float | None
+    degenerate: list[int] | None      # 1-based layers whose spread is at most the floor
+    drift_status: str
+    within_target: float | None       # share of the physics steps at or below the target
+    # Gradients of the physics steps: the LM's clip factor, the norms, the energy's share.
+    clip_mode: str
+    clip_mean: float | None
+    clip_min: float | None
+    lm_grad: float | None
+    energy_grad: float | None
+    energy_share: float | None        # energy / LM gradient norm in the steady state
+    inactive: bool                    # that share under INACTIVE_SHARE
+    # Perplexity against the control.
+    problems: list[str]               # why the control is no baseline (empty: it is one)
+    comparable: bool
+    final_val_loss: float | None
+    control_val_loss: float | None
+    final_val_ppl: float | None
+    control_val_ppl: float | None
+    ppl_ratio: float | None
+    best_val_ppl: float | None
+    best_epoch: int | None
+    control_best_val_ppl: float | None
+    control_best_epoch: int | None
+    best_ratio: float | None
+    control_overfits: bool
+    final_status: str
+    best_status: str
+    tolerance: float
+    initial_val_loss: float | None    # the untrained model's
+    learned: bool | None
+    # Robustness.
+    skipped: int
+    max_consecutive_skipped: int
+    skipped_steps: list[int]
+    grad_norm: list[float] | None     # mean, max over the applied steps
+    nonfinite_val: int
+    no_energy: int | None             # physics steps without an energy term
+
+
+def summarize(run: RunData, control: RunData | None) -> Summary:
     """The headline numbers of a run against its control (None: no control run)."""
     c = run.config
     target, floor, tolerance = (c.physics.energy_target_drift, c.spread_floor,
@@ -137,7 +192,7 @@ def summarize(run: RunData, control: RunData | None) -> SimpleNamespace:
              if len(settled) and "energy_grad_norm" in settled else None)
     initial = run.initial.get("val_loss")
     final_loss = final_value(run, "val_loss")
-    return SimpleNamespace(
+    return Summary(
         epochs_done=len(run.epochs), epochs_planned=c.train.epochs, target=target,
         drift_mean=drift_mean, drift_max=drift_max, drift_steps=len(energy),
         steady_drift=steady_drift, settle=c.criteria.settle_epochs, floor=floor,
@@ -175,7 +230,7 @@ def max_consecutive(flags: pd.Series) -> int:
     return int(flags.groupby((~flags).cumsum()).sum().max()) if len(flags) else 0
 
 
-def criteria_table(run: RunData, s: SimpleNamespace) -> pd.DataFrame:
+def criteria_table(run: RunData, s: Summary) -> pd.DataFrame:
     """Each success criterion with its value, threshold and status, from the data."""
     steady = f"after {s.settle} settle epoch{'s' * (s.settle != 1)}"
     band = f"within ±{s.tolerance:.0%}"

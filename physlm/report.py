@@ -1,94 +1,53 @@
 """The markdown results report of a saved run (SPEC section 5): `write_report("runs/x")`
 writes reports/x.md and its figures in reports/x/, from the run directory (physlm.runs) and
-its control run (the baseline). This module computes the data; templates/report.md.j2 lays it
-out. No absolute path enters a report: files by name and checksum, directories relative."""
+its control run (the baseline). This module gathers the report's data (`ReportData`: the
+summary, every table with the kinds of its numbers); templates/report.md.j2 lays it out. No
+absolute path enters a report: files by name and checksum, directories relative."""
 
 from __future__ import annotations
 
-import math
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import jinja2
-import numpy as np
 import pandas as pd
 
 import physlm
 from physlm import plots
-from physlm.config import REPORTS_ROOT
-from physlm.criteria import STATUS, criteria_table, final_value, heads_table, summarize
+from physlm.config import REPORTS_ROOT, Config
+from physlm.criteria import STATUS, Summary, criteria_table, final_value, heads_table, summarize
 from physlm.provenance import git_commit
 from physlm.runs import RunData, find_control, load_run
+from physlm.text import NA, Table, environment, fmt, portable, rows
 
-NA = "n/a"
 FIGURE_CAPTIONS = plots.CAPTIONS
-# Numbers by kind: a column's (or, first column "Setting"/"Metric", a row's) is its name's first
-# KINDS match; else integers are counts, reals get 4 significant digits (lambda, drift, ratio).
-FORMATS = {"loss": "{:,.4f}", "ppl": "{:,.2f}", "time": "{:,.1f}", "count": "{:,.0f}",
-           "fraction": "{:.3f}", "percent": "{:.1%}", "change": "{:+.2%}"}
-KINDS = {r"tokens/s": "count", r"\bppl\b": "ppl", r"\btime\b": "time", r"\b(loss|mse)\b": "loss",
-         r"^expert \d": "fraction", r"\bwithin target\b": "percent",
-         r"\b(vs|relative to) control\b": "change"}
-COLUMNS = {"Phase": "phase", "Train loss": "train_loss", "LM loss": "train_lm_loss",
-           "Energy loss (weighted)": "train_energy_loss", "Energy MSE (raw)": "train_energy_mse",
-           "Val loss": "val_loss", "Val loss (batch mean)": "val_loss_batch_mean",
-           "Val PPL": "val_ppl", "Val PPL (batch mean)": "val_ppl_batch_mean", "Lambda": "lambda",
-           "Lambda (mean)": "lambda", "Per layer": "lambda_per_layer", "Drift": "drift",
-           "Drift (mean)": "drift", "Drift (max)": "drift_max", "Energy steps": "energy_steps",
-           "Time (s)": "time_s", "Tokens/s": "tokens_per_s", "Clip factor (LM)": "clip_factor",
-           "LM grad norm": "lm_grad_norm", "Energy grad norm": "energy_grad_norm"}
-
-
-def fmt(value: Any, name: str = "") -> str:
-    """One value as text, by the kind of `name`: a kind, or a column or setting name."""
-    if isinstance(value, str):
-        return value.replace("|", "\\|")
-    if isinstance(value, list | tuple | np.ndarray):
-        return ", ".join(fmt(v, name) for v in value) or NA
-    if value is None or pd.isna(value):
-        return NA
-    if isinstance(value, bool | np.bool_):
-        return "yes" if value else "no"
-    how = name if name in FORMATS else next(
-        (kind for pattern, kind in KINDS.items() if re.search(pattern, name, re.I)), None)
-    if how or isinstance(value, int | np.integer) or not math.isfinite(x := float(value)):
-        return FORMATS[how or "count"].format(float(value))
-    text = f"{x:,.{max(0, 3 - math.floor(math.log10(abs(x) or 1)))}f}"  # 4 significant digits
-    return text.rstrip("0").rstrip(".") if "." in text else text
-
-
-def table(frame: pd.DataFrame) -> str:
-    """A DataFrame as a markdown table: values by kind, numeric columns right-aligned."""
-    if frame.empty:
-        return "_(no rows)_"
-    rows = list(frame.iloc[:, 0]) if frame.columns[0] in ("Setting", "Metric") else None
-    cells = pd.DataFrame({name: [fmt(v, str(rows[i]) if rows else name)
-                                 for i, v in enumerate(column)] for name, column in frame.items()})
-    align = ["right" if pd.api.types.is_numeric_dtype(numbers := column.dropna().infer_objects())
-             and numbers.dtype != bool else "left" for _, column in frame.items()]
-    return cells.to_markdown(index=False, colalign=align, disable_numparse=True)
-
-
-def settings(*parts: Any) -> pd.DataFrame:
-    """Setting | Value rows from dicts and config sections (paths made portable)."""
-    items = {k: portable(v) if k.endswith(("_dir", "_file")) and v else v for part in parts
-             for k, v in (part if isinstance(part, dict) else vars(part)).items()}
-    return pd.DataFrame({"Setting": list(items), "Value": pd.Series(items.values(), dtype=object)})
-
-
-def portable(path: str | Path) -> str:
-    """`path` relative to the working directory, or its name when it lies elsewhere."""
-    path, here = Path(path).resolve(), Path.cwd().resolve()
-    return path.relative_to(here).as_posix() if path.is_relative_to(here) else path.name
+# Every epoch-table column: its title -> (the epoch record's key, the kind of its numbers).
+COLUMNS = {"Phase": ("phase", None), "Train loss": ("train_loss", "loss"),
+           "LM loss": ("train_lm_loss", "loss"),
+           "Energy loss (weighted)": ("train_energy_loss", "loss"),
+           "Energy MSE (raw)": ("train_energy_mse", "loss"), "Val loss": ("val_loss", "loss"),
+           "Val loss (batch mean)": ("val_loss_batch_mean", "loss"),
+           "Val PPL": ("val_ppl", "ppl"), "Val PPL (batch mean)": ("val_ppl_batch_mean", "ppl"),
+           "Lambda": ("lambda", None), "Lambda (mean)": ("lambda", None),
+           "Per layer": ("lambda_per_layer", None), "Drift": ("drift", None),
+           "Drift (mean)": ("drift", None), "Drift (max)": ("drift_max", None),
+           "Energy steps": ("energy_steps", None), "Time (s)": ("time_s", "time"),
+           "Tokens/s": ("tokens_per_s", "count"), "Clip factor (LM)": ("clip_factor", None),
+           "LM grad norm": ("lm_grad_norm", None),
+           "Energy grad norm": ("energy_grad_norm", None)}
+# The kinds of the report's numbers, by column title or, in a Metric table, by row title.
+KINDS = {**{title: kind for title, (_, kind) in COLUMNS.items() if kind},
+         "Best val PPL": "ppl", "Tokens/s (phase mean)": "count",
+         "Time/epoch (s, phase mean)": "time"}
 
 
 def epoch_table(rows: pd.DataFrame, *titles: str) -> pd.DataFrame:
-    """Epoch records as a table: the 1-based epoch, then `titles` (COLUMNS: title -> key)."""
+    """Epoch records as a table: the 1-based epoch, then `titles` (COLUMNS)."""
     return pd.DataFrame({"Epoch": rows["epoch"].astype(int) + 1,
-                         **{title: rows.get(COLUMNS[title]) for title in titles}})
+                         **{title: rows.get(COLUMNS[title][0]) for title in titles}})
 
 
 def warmup_table(run: RunData) -> pd.DataFrame:
@@ -137,33 +96,159 @@ def phase_comparison_table(run: RunData, control: RunData | None) -> pd.DataFram
     return table
 
 
-def render_report(run: RunData, control: RunData | None, figures: dict[str, Path],
-                  out_dir: Path, command: str, title: str | None = None) -> str:
-    """The whole markdown document (`figures`: name -> PNG path below `out_dir`)."""
-    env = jinja2.Environment(loader=jinja2.PackageLoader("physlm"), trim_blocks=True,
-                             lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.filters.update(fmt=fmt, table=lambda frame: table(frame).replace("\n", "\0"),
-                       status=STATUS.get, portable=portable)  # a table is one line: one block
-    s = summarize(run, control)
+def settings(*parts: Any) -> dict[str, Any]:
+    """Setting -> value from dicts and config sections (paths made portable)."""
+    return {k: portable(v) if k.endswith(("_dir", "_file")) and v else v for part in parts
+            for k, v in (part if isinstance(part, dict) else vars(part)).items()}
+
+
+@dataclass
+class ReportData:
+    """Everything report.md.j2 shows, computed: the run, its summary and its tables."""
+
+    title: str
+    run: RunData
+    control: RunData | None
+    c: Config
+    s: Summary
+    source: str                  # where the data came from, absolute paths cut to names
+    warmup_epochs: int           # finished epochs of each phase
+    physics_epochs: int
+    router: Table
+    model: Table
+    training: Table
+    dataset: Table
+    data_files: Table
+    warmup: Table
+    physics: Table
+    energy: Table
+    heads: Table
+    progression: Table
+    progression_change: str | None   # first to last physics epoch, when the energy is logged
+    lambda_settings: Table | None    # None: no multiplier was logged
+    lambdas: Table
+    layers_equal: bool               # every layer's multiplier the same at the end
+    final: Table | None              # None: no control
+    criteria: Table
+    phases: Table
+    robustness: Table
+    figures: dict[str, str]          # caption -> link relative to the report
+    provenance: Table
+
+    @property
+    def parameters(self) -> dict[str, int]:
+        return self.run.env.get("parameters", {})
+
+
+def _change(progression: pd.DataFrame, column: str) -> str:
+    first, last = progression[column].iloc[0], progression[column].iloc[-1]
+    relative = fmt((last - first) / first, "change") if first else NA
+    return f"{fmt(first, 'loss')} -> {fmt(last, 'loss')} ({fmt(last - first, 'loss')}, {relative})"
+
+
+def report_data(run: RunData, control: RunData | None, figures: dict[str, Path],
+                out_dir: Path, command: str, title: str | None = None) -> ReportData:
+    """The report's data (`figures`: name -> PNG path below `out_dir`)."""
+    c, env, s = run.config, run.env, summarize(run, control)
+    params = env.get("parameters", {})
+    source = re.sub(r"(?<!\S)/\S*/", "", env.get("data_source", NA))   # absolute: names only
     load = run.epochs["expert_load"].iloc[-1] if len(run.epochs.get("expert_load", [])) else []
     router = pd.DataFrame(load, index=pd.RangeIndex(1, len(load) + 1, name="Layer")).rename(
         columns=lambda expert: f"Expert {expert + 1}").reset_index()  # token share per expert
-    text = env.get_template("report.md.j2").render(
-        run=run, title=title or run.name, control=control, c=run.config, env=run.env, s=s,
-        source=re.sub(r"(?<!\S)/\S*/", "", run.env.get("data_source", NA)),  # absolute: names
-        DataFrame=pd.DataFrame, settings=settings, final=final_value,
-        files={split: Path(path).name for split, path in run.env.get("data_files", {}).items()},
-        heads=heads_table(run), warmup=warmup_table(run), physics=physics_table(run),
-        criteria=criteria_table(run, s),
-        progression=energy_progression_table(run), lambdas=lambda_table(run),
-        phases=phase_comparison_table(run, control), router=router, command=command,
-        generator=f"physlm {physlm.__version__}, commit {git_commit() or NA}",
-        now=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-        checksums={f"Data sha256 ({k})": v for k, v in run.env.get("data_checksums", {}).items()},
+    progression = energy_progression_table(run)
+    logged = len(progression) and progression["Energy MSE (raw)"].notna().all()
+    steps = run.steps
+    lambda_logged = "lambda" in steps and not steps.empty
+    per_step = steps["lambda"] if lambda_logged else None
+    files = {split: Path(path).name for split, path in env.get("data_files", {}).items()}
+    within = f"Physics steps within target (of {s.drift_steps})"
+    title = title or run.name
+    return ReportData(
+        title=title, run=run, control=control, c=c, s=s, source=source,
+        warmup_epochs=len(run.phase("warmup")), physics_epochs=len(run.phase("physics")),
+        router=Table(router, {f"Expert {i + 1}": "fraction" for i in range(len(router.columns))}),
+        model=rows(settings({"Parameters (total)": params.get("total"),
+                             "Parameters (trained by the optimizer)": params.get("trainable"),
+                             "Vocabulary size": env.get("vocab_size")}, c.model)),
+        training=rows(settings({"Optimizer": "AdamW", "Device used": env.get("device"),
+                                "Physics from epoch (1-based)": c.warmup_epochs + 1
+                                if c.trains_with_physics else None}, c.train, c.physics)),
+        dataset=rows(settings({"Source": source, "Vocabulary size": env.get("vocab_size"),
+                               "Train batches per epoch": env.get("train_batches"),
+                               "Validation batches": env.get("valid_batches")}, c.data)),
+        data_files=Table(pd.DataFrame({"File": files, "Tokens": env.get("data_tokens", {}),
+                                       "sha256": env.get("data_checksums", {})})
+                         .rename_axis("Split").reset_index()),
+        warmup=Table(warmup_table(run), KINDS), physics=Table(physics_table(run), KINDS),
+        energy=rows({"Steady-state drift": s.steady_drift,
+                     "Average drift (all physics steps)": s.drift_mean,
+                     "Maximum drift": s.drift_max, "Target drift": s.target,
+                     "Status (steady state <= target, not degenerate)": s.drift_status,
+                     within: s.within_target, "Minimum spread of H (steady state)": s.spread_min,
+                     "Degenerate layers": ", ".join(map(str, s.degenerate or [])) or "none"},
+                    {within: "percent"}),
+        heads=Table(heads_table(run)), progression=Table(progression, KINDS),
+        progression_change=(f"weighted energy loss {_change(progression, 'Energy loss (weighted)')}"
+                            f"; raw MSE {_change(progression, 'Energy MSE (raw)')}")
+        if logged else None,
+        lambda_settings=rows({"Start (lambda init)": c.physics.lambda_energy_init,
+                              "Minimum over steps": per_step.min(),
+                              "Maximum over steps": per_step.max(),
+                              "Bounds (min, max)": [c.physics.lambda_min, c.physics.lambda_max],
+                              "Final (mean over layers)": per_step.iloc[-1]})
+        if lambda_logged else None,
+        lambdas=Table(lambda_table(run), KINDS),
+        layers_equal=lambda_logged and len(set(steps["lambda_per_layer"].iloc[-1])) == 1,
+        final=None if control is None else Table(pd.DataFrame({
+            "Run": [title, "control"], "Epochs": [len(run.epochs), len(control.epochs)],
+            "Val loss": [s.final_val_loss, s.control_val_loss],
+            "Val PPL": [s.final_val_ppl, s.control_val_ppl],
+            "Val PPL (batch mean)": [final_value(run, "val_ppl_batch_mean"),
+                                     final_value(control, "val_ppl_batch_mean")],
+            "Best val PPL": [s.best_val_ppl, s.control_best_val_ppl],
+            "Best epoch": [s.best_epoch, s.control_best_epoch]}), KINDS),
+        criteria=Table(criteria_table(run, s)),
+        phases=Table(phase_comparison_table(run, control), KINDS),
+        robustness=rows({
+            "Optimizer steps logged": len(steps), "Skipped non-finite steps": s.skipped,
+            "Longest run of consecutive skipped steps": s.max_consecutive_skipped,
+            "Skipped steps": (", ".join(map(str, s.skipped_steps[:20]))
+                              + (" ..." if len(s.skipped_steps) > 20 else "")) or "none",
+            "Non-finite validation losses": s.nonfinite_val,
+            "Gradient norm of applied steps (mean, max; before clipping)": s.grad_norm,
+            "Physics steps without an energy term (batch-size mismatch)": s.no_energy}),
         figures={FIGURE_CAPTIONS[name]: quote(path.relative_to(out_dir).as_posix())
-                 for name, path in figures.items()})
-    blocks = [line for line in text.split("\n") if line.strip()]
-    return "\n\n".join(blocks).replace("\0", "\n") + "\n"
+                 for name, path in figures.items()},
+        provenance=rows(_provenance(run, control, command)))
+
+
+def _provenance(run: RunData, control: RunData | None, command: str) -> dict[str, Any]:
+    env = run.env
+    device = env.get("device", NA) + (f" ({env['device_name']}, CUDA {env.get('cuda')})"
+                                      if env.get("device_name") else "")
+    return {
+        "Git commit (run)": env.get("git_commit"),
+        **{name: env.get(key) for name, key in (
+            ("physlm", "physlm"), ("Python", "python"), ("torch", "torch"), ("numpy", "numpy"),
+            ("pandas", "pandas"), ("matplotlib", "matplotlib"), ("papermill", "papermill"),
+            ("Platform", "platform"), ("Processor", "processor"))},
+        "CPU cores, torch threads": [env.get("cpu_count"), env.get("torch_threads")],
+        "Seed": run.config.train.seed, "Device": device,
+        **{f"Data sha256 ({k})": v for k, v in env.get("data_checksums", {}).items()},
+        "Run directory": portable(run.root),
+        "Control directory": portable(control.root) if control else None,
+        "Git commit (control)": control.env.get("git_commit") if control else None,
+        "Report generated by": f"physlm {physlm.__version__}, commit {git_commit() or NA}",
+        "Generated at (UTC)": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "Regenerate with": f"`{command}`"}
+
+
+def render_report(data: ReportData) -> str:
+    """The whole markdown document: the template's blocks, one blank line between them."""
+    text = environment().get_template("report.md.j2").render(
+        d=data, c=data.c, s=data.s, status=STATUS, KINDS=KINDS)
+    blocks = [block.strip("\n") for block in text.split("\n\n") if block.strip()]
+    return "\n\n".join(blocks) + "\n"
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path = REPORTS_ROOT,
@@ -180,6 +265,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path = REPORTS_ROOT,
         f" --control-dir {portable(control_dir)}" if control_dir else "") + (
         f" --name {name}" if name != run.name else "")
     path = out_dir / f"{name}.md"
-    path.write_text(render_report(run, control, figures, out_dir, command, title=name),
-                    encoding="utf-8")
+    data = report_data(run, control, figures, out_dir, command, title=name)
+    path.write_text(render_report(data), encoding="utf-8")
     return path
+

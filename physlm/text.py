@@ -86,8 +86,8 @@ def portable(path: str | Path) -> str:
 
 
 def paragraph(text: str) -> str:
-    """A block of template lines as one line of text (a markdown paragraph)."""
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+    """A block of template lines as one line of text (a markdown paragraph), ending the line."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) + "\n"
 
 
 def environment() -> jinja2.Environment:

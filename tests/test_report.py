@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from physlm import criteria as criteria_module
-from physlm import plots, report
+from physlm import plots, report, text
 from physlm.__main__ import main
 from physlm.build import build_model
 from physlm.config import from_flat
@@ -94,7 +94,8 @@ def edit_epochs(run_dir: Path, **values: float) -> None:
 def render(run_dir: Path, control_dir: Path | None = None) -> str:
     """The report's markdown without drawing its figures (fast; write_report draws them)."""
     run, control = load_run(run_dir), find_control(run_dir, control_dir)
-    return report.render_report(run, control, {}, run_dir, "python -m physlm report")
+    return report.render_report(report.report_data(run, control, {}, run_dir,
+                                                   "python -m physlm report"))
 
 
 # ---------------------------------------------------------------- fixtures
@@ -339,7 +340,7 @@ def test_cli_writes_the_report(run_dir: Path, tmp_path: Path, capsys, monkeypatc
 
 # ---------------------------------------------------------------- formatting and figures
 
-@pytest.mark.parametrize(("value", "name", "text"), [
+@pytest.mark.parametrize(("value", "name", "written"), [
     (5.902033805, "Val loss", "5.9020"), (0.1305043, "Energy loss (weighted)", "0.1305"),
     (1.97961237, "Energy MSE (raw)", "1.9796"), (-0.57484, "loss", "-0.5748"),
     (365.780638, "Val PPL", "365.78"), (12345.678, "Val PPL (batch mean)", "12,345.68"),
@@ -348,38 +349,40 @@ def test_cli_writes_the_report(run_dir: Path, tmp_path: Path, capsys, monkeypatc
     (60065, "Tokens", "60,065"), (np.int64(1234567), "Parameters (total)", "1,234,567"),
     (0.09311104565, "Lambda", "0.09311"), (np.float64(0.12489932), "Lambda (mean)", "0.1249"),
     (1.1777763, "Drift", "1.178"), (2.0e6, "Drift", "2,000,000"), (1e-5, "Drift (max)", "0.00001"),
-    (0.0, "Drift", "0"), (0.05, "lambda_energy_init", "0.05"), (0.117, "Expert 1", "0.117"),
-    (0.25, "Physics steps within target (of 8)", "25.0%"), (-0.0488, "change", "-4.88%"),
-    (None, "Val loss", report.NA), (math.nan, "Val PPL", report.NA), (math.inf, "Drift", "inf"),
+    (0.0, "Drift", "0"), (0.05, "lambda_energy_init", "0.05"), (0.117, "fraction", "0.117"),
+    (0.25, "percent", "25.0%"), (-0.0488, "change", "-4.88%"),
+    (None, "Val loss", text.NA), (math.nan, "Val PPL", text.NA), (math.inf, "Drift", "inf"),
     (True, "energy_heads", "yes"), ("causal", "bk_mode", "causal"), ("a|b", "", "a\\|b"),
-    ([0.09311104, 0.12489932], "Per layer", "0.09311, 0.1249"), ([], "Per layer", report.NA)])
-def test_numbers_are_written_by_kind(value: object, name: str, text: str) -> None:
+    ([0.09311104, 0.12489932], "Per layer", "0.09311, 0.1249"), ([], "Per layer", text.NA)])
+def test_numbers_are_written_by_kind(value: object, name: str, written: str) -> None:
     """Losses 4 decimals, perplexities 2, times 1, counts as integers with thousands
-    separators, lambda/drift 4 significant digits; never scientific notation."""
-    assert report.fmt(value, name) == text
+    separators, lambda/drift 4 significant digits; never scientific notation. `name` is a
+    kind, or a report column or row whose kind is declared (report.KINDS)."""
+    kind = name if name in text.FORMATS else report.KINDS.get(name)
+    assert text.fmt(value, kind) == written
 
 
 def test_tables_format_columns_by_kind_and_align_numbers_right() -> None:
     frame = pd.DataFrame({"Epoch": [1, 2], "Phase": ["warmup", "physics"],
                           "Val loss": [5.9, 5.784956], "Val PPL": [365.780638, None],
                           "Tokens/s": [2e6, 11590.297], "Drift": [1.1777763, 2e6]})
-    text = report.table(frame)
-    assert tables(text)[0] == [
+    markdown = text.table(text.Table(frame, report.KINDS))
+    assert tables(markdown)[0] == [
         {"Epoch": "1", "Phase": "warmup", "Val loss": "5.9000", "Val PPL": "365.78",
          "Tokens/s": "2,000,000", "Drift": "1.178"},
-        {"Epoch": "2", "Phase": "physics", "Val loss": "5.7850", "Val PPL": report.NA,
+        {"Epoch": "2", "Phase": "physics", "Val loss": "5.7850", "Val PPL": text.NA,
          "Tokens/s": "11,590", "Drift": "2,000,000"}]
-    rule = [cell.strip() for cell in text.splitlines()[1].strip("|").split("|")]
+    rule = [cell.strip() for cell in markdown.splitlines()[1].strip("|").split("|")]
     assert [cell.endswith(":") and not cell.startswith(":") for cell in rule] == [
         True, False, True, True, True, True]
-    assert "e+" not in text and "e-" not in text
+    assert "e+" not in markdown and "e-" not in markdown
     # A Setting | Value (or Metric | ...) table takes each row's kind from the row's name.
     rows = pd.DataFrame({"Setting": ["Val PPL", "Tokens/s", "Lambda", "Time (s)"],
                          "Value": pd.Series([365.780638, 11590.297, 0.0931110, 3.14159],
                                             dtype=object)})
-    assert settings(report.table(rows)) == {"Val PPL": "365.78", "Tokens/s": "11,590",
-                                            "Lambda": "0.09311", "Time (s)": "3.1"}
-    assert report.table(frame.iloc[0:0]) == "_(no rows)_"
+    assert settings(text.table(text.Table(rows, report.KINDS))) == {
+        "Val PPL": "365.78", "Tokens/s": "11,590", "Lambda": "0.09311", "Time (s)": "3.1"}
+    assert text.table(frame.iloc[0:0]) == "_(no rows)_"
 
 
 def test_report_columns_are_formatted_by_kind(written: tuple[Path, str]) -> None:
