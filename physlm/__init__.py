@@ -4,6 +4,23 @@ import os
 
 __version__ = "0.1.0"
 
+# The package's layers, lowest first: a module imports only modules of its own layer or of
+# a layer below (and no two modules import each other, even through others). Nothing here
+# imports from outside the package (benchmarks/ uses physlm, never the other way round).
+# tests/test_layers.py holds the code to this table.
+LAYERS = (
+    ("foundation", ("errors", "values", "files", "text")),          # no torch
+    ("settings", ("config",)),
+    ("numerics", ("distributed", "bk_core", "losses", "moe", "koopman", "metrics",
+                  "gradients", "fixture")),
+    ("models", ("model", "transformer", "lstm", "physics", "build", "objectives")),
+    ("runs", ("data", "checkpoint", "lock", "provenance", "runs", "evaluation", "trainer",
+              "pool")),
+    ("analysis", ("criteria", "plots", "statistics", "report", "history", "progress")),
+    ("workflows", ("study", "study_report", "pipeline")),
+    ("entry points", ("__main__", "colab")),
+)
+
 
 def passive_openmp() -> None:
     """Let idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the variable is set.

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from physlm.files import read_jsonl
+from physlm.metrics import epoch_figures
 from physlm.runs import RunDirectory
 
 POLL_S = 1.0
@@ -69,19 +70,11 @@ def clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def _number(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def epoch_line(label: str, record: dict[str, Any], epochs: int, until_epoch: int,
                elapsed_s: float, mean_epoch_s: float) -> str:
     """One epoch record as a progress line; ETA for the stage, which ends at `until_epoch`."""
     left = max(0, until_epoch - (int(record["epoch"]) + 1))
-    return (f"{label}: epoch {int(record['epoch']) + 1}/{epochs}"
-            f"  train loss {_number(record.get('train_loss'), '.4f')}"
-            f"  val PPL {_number(record.get('val_ppl'), ',.2f')}"
-            f"  drift {_number(record.get('drift'), '.4g')}"
-            f"  lambda {_number(record.get('lambda'), '.4g')}"
+    return (f"{label}: epoch {int(record['epoch']) + 1}/{epochs}  {epoch_figures(record)}"
             f"  elapsed {clock(elapsed_s)}  ETA {clock(left * mean_epoch_s)}")
 
 

@@ -56,8 +56,9 @@ class Trainer:
         if config.has_physics and not config.trains_with_physics:
             warnings.warn(f"physics_start_epoch ({config.physics.physics_start_epoch}) == epochs "
                           f"({config.train.epochs}): physics never runs, every epoch is warmup. "
-                          "Raise epochs or lower physics_start_epoch to train with the energy "
-                          "penalty (or set energy_penalty: false to say that this is intended).",
+                          "Raise epochs or lower physics_start_epoch to train with physics (or "
+                          "set energy_penalty: false and koopman: false to say that this is "
+                          "intended).",
                           stacklevel=2)
         if self.rank == 0:  # rank 0 decides (and clears on overwrite); the others follow
             self.run.prepare(config)
