@@ -31,10 +31,9 @@ from typing import Any, Literal
 import yaml
 
 from physlm.errors import ConfigError
-from physlm.values import coerce, suggest
+from physlm.values import coerce, read_params_file, suggest
 
-# Where runs and reports go unless told otherwise (run_dir, report_dir), relative to the
-# working directory: the repository root.
+# Where runs and reports go unless run_dir or report_dir say otherwise (the working directory's).
 RUNS_ROOT = "runs"
 REPORTS_ROOT = "reports"
 
@@ -217,6 +216,9 @@ class Config:
              "would never run; lower it, or set energy_penalty: false (and koopman: false) "
              "for a run without it"),
             (m.embedding_init_std > 0, "embedding_init_std must be > 0"),
+            (m.architecture != "lstm" or m.embedding_init_std == ModelConfig.embedding_init_std,
+             "embedding_init_std does not apply to lstm (its embedding is uniform in (-0.1, "
+             "0.1), word_language_model's); leave it unset"),
             (p.lambda_min >= 0, "lambda_min must be >= 0"),
             (p.lambda_kp >= 0, "lambda_kp must be >= 0"),
             (not (p.fit_heads_in_warmup and p.energy_scale == "absolute"),
@@ -304,9 +306,9 @@ class Config:
         return from_flat(read_params_file(path))
 
 
-_SECTIONS = ("model", "data", "train", "physics", "criteria")
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
                   "physics": PhysicsConfig, "criteria": CriteriaConfig}
+_SECTIONS = tuple(_SECTION_TYPES)
 # Flat key -> (section, resolved field type); its tags; old name -> key.
 _FIELDS: dict[str, tuple[str, Any]] = {
     f.name: (section, typing.get_type_hints(cls)[f.name])
@@ -344,20 +346,6 @@ def from_flat(values: dict[str, Any], base: Config | None = None) -> Config:
         sections[section][key] = coerce(key, value, hint)
     built = Config(**{s: _SECTION_TYPES[s](**sections[s]) for s in _SECTIONS})
     return built.validate()
-
-
-def read_params_file(path: str | Path) -> dict[str, Any]:
-    """Read a flat YAML parameter file (the format papermill's `-f` takes)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"parameter file not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of parameter: value")
-    return values
 
 
 def load_config(params_file: str | Path | None = None,

@@ -1,5 +1,6 @@
 """Parameter values as users type them: coercion to a setting's type, `key=value` parsing,
-and the closest valid name for a typo. Nothing here knows the settings themselves."""
+parameter files, and the closest valid name for a typo. Nothing here knows the settings
+themselves."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, Literal, TypeVar
 
 import yaml
@@ -115,3 +116,17 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         raise ConfigError(f"{text}: {raw!r} is not a valid YAML value ({problem}); fix it, "
                           "or quote it to pass it as text") from error
     return key, value
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """Read a flat YAML parameter file (the format papermill's `-f` takes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parameter file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of parameter: value")
+    return values
