@@ -72,6 +72,26 @@ def test_physics_start_equal_to_epochs_is_allowed():
     assert from_flat({"epochs": 5, "physics_start_epoch": 4}).trains_with_physics
 
 
+def test_physics_start_past_the_end_is_allowed_only_without_a_physics_objective():
+    """One rule (Config.has_physics): an LSTM or a control of 3 epochs may keep the default
+    physics_start_epoch 4; an energy penalty or a Koopman loss that would never run may not."""
+    off = {"energy_heads": False, "energy_penalty": False, "epochs": 3}
+    for values in (off, {**off, "architecture": "lstm"}, {"energy_penalty": False, "epochs": 3}):
+        config = from_flat(values)
+        assert config.physics.physics_start_epoch > config.train.epochs
+        assert not config.has_physics and config.warmup_epochs == 3
+        assert [config.phase(e) for e in range(3)] == ["warmup"] * 3
+    for values in ({"epochs": 3}, {**off, "koopman": True}):
+        with pytest.raises(ConfigError, match="physics would never run"):
+            from_flat(values)
+
+
+def test_an_lstm_refuses_an_embedding_scale_it_would_ignore():
+    with pytest.raises(ConfigError, match="embedding_init_std does not apply to lstm"):
+        from_flat({"architecture": "lstm", "energy_heads": False, "energy_penalty": False,
+                   "embedding_init_std": 0.02})
+
+
 def test_empty_string_means_unset_for_optional_values():
     config = from_flat({"max_train_batches": "", "data_dir": None})
     assert config.data.max_train_batches is None and config.data.data_dir is None

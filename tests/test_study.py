@@ -77,6 +77,14 @@ def test_bad_study_settings_are_one_clear_error(tmp_path, change, message):
         tiny_study(tmp_path, **change)
 
 
+def test_a_study_checks_the_physics_schedule_by_the_configs_rule(tmp_path):
+    """No study-only rule: variants without a physics objective may start it past the end."""
+    options = tiny_study(tmp_path, variants=["control", "lstm"], physics_start_epoch=3)
+    assert [job.config.warmup_epochs for job in study.plan(options)] == [2] * 6
+    with pytest.raises(ConfigError, match="variant koopman: .*physics would never run"):
+        tiny_study(tmp_path, variants=["control", "koopman"], physics_start_epoch=3)
+
+
 def test_paired_interval_is_the_t_interval_of_the_seed_differences():
     frame = pd.DataFrame({"variant": ["control"] * 3 + ["x"] * 3, "seed": [0, 1, 2] * 2,
                           "final": [100.0, 110.0, 120.0, 90.0, 104.0, 111.0]})
