@@ -69,8 +69,8 @@ from report import machine_info, save_results
 from timing import Timing, paired_ratio, peak_rss_mib, summary, sync, time_interleaved
 from workloads import VOCAB
 
-MODELS = {"resnet_bk": (ResNetBK, 0.1), "transformer": (Transformer, 0.1),
-          "transformer_p0": (Transformer, 0.0)}
+MODELS = {"resnet_bk": (ResNetBK, ModelConfig.dropout),
+          "transformer": (Transformer, ModelConfig.dropout), "transformer_p0": (Transformer, 0.0)}
 LENGTHS = (128, 512, 2048, 8192, 16_384)
 QUICK_LENGTHS = (128, 1024)
 GOAL = 1.5  # ResNet-BK's time per token at the longest N over the shortest

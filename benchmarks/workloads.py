@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from physlm.config import ModelConfig
+from physlm.config import DataConfig, ModelConfig
 from physlm.data import PAD, UNK, Corpus, Vocabulary
 
 SECTIONS = ("step", "energy", "eval", "bk", "scaling", "moe")
 STEP_CONFIGS = ("naive_floor", "physics_off", "physics_on")
 FORMS = ("causal", "bidirectional")
 EPOCH_STEPS, EVAL_STEPS = 498, 52   # train and validation batches on WikiText-2 (SPEC section 1)
-VOCAB, BATCH = 30_000, 32
+VOCAB, BATCH = DataConfig.vocab_size, DataConfig.batch_size   # the reference's (physlm.config)
 SCALING_POSITIONS = 65_536  # B * N for the scaling sweep
 SCALING_LENGTHS = (128, 512, 2048, 8192, 16_384)
 

@@ -3,6 +3,9 @@ code (2 for input, 1 for the run or the file system), never a traceback."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from physlm.__main__ import main
 from physlm.config import from_flat
 from physlm.errors import known_error, one_line
 
-from .conftest import TINY, one_error_line
+from .conftest import REPO_ROOT, TINY, one_error_line
 
 
 def _params(tmp_path: Path, content: str | bytes | None = None) -> Path:
@@ -138,3 +141,24 @@ def test_missing_data_file_leaves_no_run_directory(tmp_path, capsys):
 def test_os_errors_are_labelled_by_what_they_are(error, label, message):
     assert known_error(error) == (label, 1)
     assert one_line(error) == message
+
+
+# --- OpenMP's wait policy: set by the entry points, not by importing physlm ---------------
+
+_POLICY_AFTER = """
+import os, sys
+os.environ.pop("OMP_WAIT_POLICY", None)
+import physlm, physlm.trainer, physlm.report  # importing sets nothing
+imported = os.environ.get("OMP_WAIT_POLICY")
+from physlm.__main__ import main
+main(["report", sys.argv[1]])                 # the command line does, whatever the command
+print(imported, os.environ.get("OMP_WAIT_POLICY"))
+"""
+
+
+def test_the_command_line_sets_the_openmp_wait_policy_and_an_import_does_not(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", _POLICY_AFTER, str(tmp_path)], cwd=REPO_ROOT,
+                          env={**env, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.split() == ["None", "PASSIVE"], done.stderr
