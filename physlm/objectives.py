@@ -14,10 +14,12 @@ An objective is one object, and the trainer asks every objective the same things
     state_dict(), load_state_dict()  what a checkpoint keeps of it
     module                           its trained parameters outside the model (or None)
 
-The gradient of all active terms together, g_A, is taken apart from the LM's and clipped
-as physlm.gradients says; `after_step` receives the statistics averaged over processes
-(physlm.distributed), or None when it had no term this step. A new objective is one more
-class here and one line in `build_objectives`.
+`physics` says whether the epoch is a physics epoch (Config.is_physics_epoch); an
+objective of every epoch ignores it. The gradient of all the step's terms together, g_E, is
+taken apart from the LM's and clipped on its own when any of them asks (`clip_apart`), with
+the LM's otherwise (physlm.gradients). `after_step` receives the statistics averaged over
+processes (physlm.distributed), or None when it had no term this step. A new objective is
+one more class here and one line in `build_objectives`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Training: warmup epochs on the language-model loss, then physics epochs.
 
-    loss = CE(logits, y) + [epoch >= physics_start_epoch] * mean_l lambda_l * mse_l
+    loss = CE(logits, y) + sum_k loss_k      the auxiliary objectives (physlm.objectives),
+                                             e.g. [epoch >= physics_start_epoch] * mean_l
+                                             lambda_l * mse_l for the energy penalty
 
-One optimizer step per batch (AdamW, gradient-norm clipping), then the
-multiplier controller (physlm.physics). Every step appends a record to
+One optimizer step per batch (AdamW, gradient-norm clipping), then each objective's
+`after_step` (the multiplier controller). Every step appends a record to
 metrics/steps.jsonl; every epoch ends with validation, a record in
 metrics/epochs.jsonl and a checkpoint. `Trainer.fit(until_epoch)` stops early
 at an epoch boundary, which is how the warmup and physics notebooks split one
@@ -72,8 +74,8 @@ class Trainer:
         self.model, self.penalty = build_model(config, len(self.corpus.vocab))
         self.objectives = build_objectives(config, self.model, self.penalty)
         self.layer_means = {k: v for o in self.objectives for k, v in o.layer_means.items()}
-        trained = [m for m in (self.model, self.penalty) if m is not None]
-        self.modules = torch.nn.ModuleList(trained).to(self.device)
+        trained = [o.module for o in self.objectives if o.module is not None]
+        self.modules = torch.nn.ModuleList([self.model, *trained]).to(self.device)
         self.optimizer = self.build_optimizer([p for p in self.modules.parameters()
                                                if p.requires_grad])
         self.epoch = 0              # the epoch in progress (0-based)
@@ -250,7 +252,7 @@ class Trainer:
         run.write_config(self.config)
         self.corpus.vocab.save(run.vocab)
         env = environment_info(self.device)
-        env.update(parameters=count_parameters(self.model, self.penalty),
+        env.update(parameters=count_parameters(*self.modules),
                    data_source=self.corpus.source, data_files=self.corpus.files,
                    data_checksums=self.corpus.checksums,
                    data_tokens=self.corpus.num_tokens, vocab_size=len(self.corpus.vocab),
