@@ -3,7 +3,8 @@
 A checkpoint holds everything that determines the rest of a run: model and
 optimizer state (the multipliers are model parameters), the position in the
 run (next epoch, batches done in it, global step), the RNG states, and the
-previous batch's embeddings that the reference energy term compares against.
+previous batch's embeddings that the reference energy term compares against (each
+auxiliary objective's own state, physlm.objectives).
 It is loaded with `torch.load(..., weights_only=True)`, so a foreign file can
 fail to load but never run code.
 """
@@ -20,7 +21,7 @@ import torch
 from physlm.errors import CheckpointError
 from physlm.files import atomic_write_bytes
 
-FORMAT = "physlm-checkpoint-1"
+FORMAT = "physlm-checkpoint-2"  # 2: the auxiliary objectives' states under "objectives"
 
 
 def _remove_stale_temporaries(path: Path) -> None:

@@ -275,7 +275,7 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, 
     payload = {
         "pickle": pickle.dumps(_RunsCode(marker)),
         "torch.save": _torch_bytes(_RunsCode(marker)),
-        "nested": _torch_bytes({"format": "physlm-checkpoint-1", "model": _RunsCode(marker)}),
+        "nested": _torch_bytes({"format": "physlm-checkpoint-2", "model": _RunsCode(marker)}),
     }[kind]
     path = tmp_path / "last.pt"
     path.write_bytes(payload)
@@ -295,7 +295,7 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, 
     pytest.param(lambda: _torch_bytes({"model": {"w": torch.ones(2)}}), id="dict-without-format"),
     pytest.param(lambda: _torch_bytes({"format": "other-1", "epoch": 0}), id="other-format"),
     pytest.param(lambda: _torch_bytes([torch.ones(2)]), id="list"),
-    pytest.param(lambda: pickle.dumps({"format": "physlm-checkpoint-1"}), id="plain-pickle"),
+    pytest.param(lambda: pickle.dumps({"format": "physlm-checkpoint-2"}), id="plain-pickle"),
     pytest.param(lambda: b"", id="empty"),
     pytest.param(lambda: b"not a checkpoint\n" * 10, id="text"),
 ])
