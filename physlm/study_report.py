@@ -128,6 +128,7 @@ def missing_ablation(options: StudyOptions, ablation: dict[str, list[RunData]]) 
 
 def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) -> Path:
     """reports/<name>.md and its figure, from the study's runs."""
+    commit = git_commit()   # before the figure is written: it may be a file git tracks
     out = Path(options.report_dir)
     (out / options.name).mkdir(parents=True, exist_ok=True)
     frame = numbers(runs)
@@ -149,7 +150,7 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         fix_sentences=fix_sentences, shape=shape, shape_sentences=shape_sentences,
         figure=figure.relative_to(out).as_posix(), run_dir=portable(study_dir(options)),
         commits=sorted({r.env.get("git_commit") or "n/a" for s in runs.values() for r in s}),
-        generator=git_commit() or "n/a", now=datetime.now(UTC).strftime("%Y-%m-%d %H:%M"))
+        generator=commit or "n/a", now=datetime.now(UTC).strftime("%Y-%m-%d %H:%M"))
     path = out / f"{options.name}.md"
     path.write_text(text, encoding="utf-8")
     return path
