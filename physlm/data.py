@@ -180,14 +180,19 @@ def chunk_ids(ids: torch.Tensor, n_seq: int) -> torch.Tensor:
     return ids[: num_chunks * size].view(num_chunks, size)
 
 
+def _names_files(data: DataConfig) -> bool:
+    """Whether the settings name local text (files, or a folder), which takes precedence."""
+    return bool(data.train_file or data.valid_file or data.data_dir)
+
+
 def _local_files(data: DataConfig) -> dict[str, Path] | None:
     """Split -> file when the text is read from files (local ones, or the fixture corpus);
     None when it comes from the hub."""
-    local = bool(data.train_file or data.valid_file or data.data_dir)
-    if not local and data.dataset != "fixture":
-        return None
-    return _resolve_files(data if local else
-                          dataclasses.replace(data, data_dir=str(fixture_dir())))
+    if _names_files(data):
+        return _resolve_files(data)
+    if data.dataset == "fixture":
+        return _resolve_files(dataclasses.replace(data, data_dir=str(fixture_dir())))
+    return None
 
 
 def split_lines(data: DataConfig, split: str) -> list[str]:
@@ -201,14 +206,13 @@ def load_corpus(data: DataConfig, n_seq: int, vocab: Vocabulary | None = None) -
     """Read train and valid text, build (or use the given) vocabulary, and chunk both."""
     paths = _local_files(data)
     if paths is not None:
-        local = bool(data.train_file or data.valid_file or data.data_dir)
         tokens, files, checksums = {}, {}, {}
         for split, path in paths.items():
             text, checksums[split] = _read_text(path)
             tokens[split] = tokenize(text.splitlines())
             files[split] = str(path)
         source = ", ".join(f"{split} {path}" for split, path in files.items())
-        source = source if local else f"fixture ({source})"
+        source = source if _names_files(data) else f"fixture ({source})"
     else:
         rows = _load_hub()
         tokens = {split: tokenize(lines) for split, lines in rows.items()}
