@@ -15,7 +15,7 @@ LAYERS = (
                   "gradients", "fixture")),
     ("models", ("model", "transformer", "lstm", "physics", "build", "objectives")),
     ("runs", ("data", "checkpoint", "lock", "provenance", "runs", "evaluation", "trainer",
-              "pool")),
+              "pool", "generate")),
     ("analysis", ("criteria", "plots", "statistics", "report", "history", "progress")),
     ("workflows", ("study", "study_report", "pipeline")),
     ("entry points", ("__main__", "colab")),

@@ -2,6 +2,7 @@
 
     python -m physlm train  --params params/phase3.yaml --set epochs=2 --run-dir runs/x
     python -m physlm report runs/x
+    python -m physlm generate runs/x [--prompt "The castle"] [--tokens 40] [--seed 0]
     python -m physlm study  --params params/study_smoke.yaml [--set epochs=2] [--report-only]
 
 The benchmarks are not part of the package: `python benchmarks/bench.py` (benchmarks/README.md).
@@ -78,9 +79,29 @@ def _study(args: argparse.Namespace) -> None:
     print(study_report.write_study_report(options, runs))
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from physlm import generate
+
+    settings = generate.SampleSettings(tokens=args.tokens, temperature=args.temperature,
+                                       top_k=args.top_k, seed=args.seed).check()
+    run_model = generate.load_run_model(args.run_dir, args.checkpoint)
+    given = args.prompt is not None
+    prompts = [args.prompt] if given else generate.validation_prompts(run_model.config)
+    samples = [generate.generate(run_model, prompt, settings) for prompt in prompts]
+    unknown = list(dict.fromkeys(word for sample in samples for word in sample.unknown))
+    if unknown:
+        print(f"physlm: note: read as <unk> (not in the run's vocabulary): {' '.join(unknown)}",
+              file=sys.stderr)
+    for sample in samples:
+        print(sample.continuation if given else f"[{sample.prompt}] {sample.continuation}")
+
+
 def main(argv: list[str] | None = None) -> int:
     physlm.passive_openmp()   # before any command imports torch
     argv = sys.argv[1:] if argv is None else argv
+    # Sampling's defaults live with it (an import of torch, which every command makes anyway).
+    from physlm.generate import CHECKPOINTS, SampleSettings
+
     parser = argparse.ArgumentParser(prog="physlm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +127,25 @@ def main(argv: list[str] | None = None) -> int:
                        help="override one study setting (repeatable), e.g. epochs=2")
     study.add_argument("--report-only", action="store_true", help="report the runs that exist")
     study.set_defaults(handler=_study)
+
+    sampling = commands.add_parser(
+        "generate", help="print the continuation of a prompt by a run's model",
+        description="Sample from a run's model. Without --prompt: the continuations of the "
+                    "run's fixed validation prompts, each after its [prompt].")
+    sampling.add_argument("run_dir", type=Path)
+    defaults = SampleSettings()
+    sampling.add_argument("--prompt", help="the text to continue (whitespace-separated words)")
+    sampling.add_argument("--tokens", type=int, default=defaults.tokens,
+                          help="words to write (default %(default)s)")
+    sampling.add_argument("--temperature", type=float, default=defaults.temperature,
+                          help="0 takes the most likely word (default %(default)s)")
+    sampling.add_argument("--top-k", type=int, default=defaults.top_k,
+                          help="draw from the k most likely words only (default: all)")
+    sampling.add_argument("--seed", type=int, default=defaults.seed,
+                          help="seed of the draws (default %(default)s)")
+    sampling.add_argument("--checkpoint", choices=CHECKPOINTS, default=CHECKPOINTS[0],
+                          help="whose weights (default %(default)s)")
+    sampling.set_defaults(handler=_generate)
 
     args = parser.parse_args(argv)
     try:

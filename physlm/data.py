@@ -177,19 +177,39 @@ def chunk_ids(ids: torch.Tensor, n_seq: int) -> torch.Tensor:
     return ids[: num_chunks * size].view(num_chunks, size)
 
 
+def _names_files(data: DataConfig) -> bool:
+    """Whether the settings name local text (files, or a folder), which takes precedence."""
+    return bool(data.train_file or data.valid_file or data.data_dir)
+
+
+def _local_files(data: DataConfig) -> dict[str, Path] | None:
+    """Split -> file when the text is read from files (local ones, or the fixture corpus);
+    None when it comes from the hub."""
+    if _names_files(data):
+        return _resolve_files(data)
+    if data.dataset == "fixture":
+        return _resolve_files(dataclasses.replace(data, data_dir=str(fixture_dir())))
+    return None
+
+
+def split_lines(data: DataConfig, split: str) -> list[str]:
+    """The text lines of one split ("train" or "valid"), from the source `load_corpus`
+    reads (the fixed prompts of physlm.generate come from the validation text)."""
+    paths = _local_files(data)
+    return _load_hub()[split] if paths is None else _read_text(paths[split])[0].splitlines()
+
+
 def load_corpus(data: DataConfig, n_seq: int, vocab: Vocabulary | None = None) -> Corpus:
     """Read train and valid text, build (or use the given) vocabulary, and chunk both."""
-    local = bool(data.train_file or data.valid_file or data.data_dir)
-    if local or data.dataset == "fixture":
-        if not local:
-            data = dataclasses.replace(data, data_dir=str(fixture_dir()))
+    paths = _local_files(data)
+    if paths is not None:
         tokens, files, checksums = {}, {}, {}
-        for split, path in _resolve_files(data).items():
+        for split, path in paths.items():
             text, checksums[split] = _read_text(path)
             tokens[split] = tokenize(text.splitlines())
             files[split] = str(path)
         source = ", ".join(f"{split} {path}" for split, path in files.items())
-        source = source if local else f"fixture ({source})"
+        source = source if _names_files(data) else f"fixture ({source})"
     else:
         rows = _load_hub()
         tokens = {split: tokenize(lines) for split, lines in rows.items()}

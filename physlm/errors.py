@@ -45,6 +45,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on: too many non-finite steps."""
 
 
+class GenerationError(ValueError):
+    """The run cannot generate text (no weights, not causal), or the request is unusable."""
+
+
 class StageError(RuntimeError):
     """A stage notebook failed; its executed copy (with the traceback) is kept."""
 
@@ -67,6 +71,7 @@ class CommandError(Exception):
 USER_ERRORS: dict[type[Exception], tuple[str, int]] = {
     ConfigError: ("configuration error", 2),
     DataError: ("data error", 2),
+    GenerationError: ("cannot generate", 2),
     CheckpointError: ("checkpoint error", 1),
     TrainingError: ("cannot train", 1),
     DeviceError: ("cannot train", 1),

@@ -9,11 +9,12 @@
       metrics/initial.json the untrained model's validation loss
       checkpoints/last.pt  the latest checkpoint (written atomically)
       checkpoints/warmup.pt the checkpoint at the end of the warmup, where runs fork
+      samples.json         continuations of the fixed validation prompts (physlm.generate)
       notebooks/*.ipynb    executed notebooks of each stage (pipeline runs)
       control/             the physics-off control run, a run directory itself
 
-A run's record is what a report reads: config.yaml, env.json and metrics/, without the
-checkpoints, vocabulary or notebooks (~0.4 MB, small enough to commit).
+A run's record is what a report reads: config.yaml, env.json, metrics/ and samples.json,
+without the checkpoints, vocabulary or notebooks (~0.4 MB, small enough to commit).
 
 The trainer writes through `RunDirectory`; the report, plots, pipeline and
 notebooks read a finished (or unfinished) run as one typed `RunData`: the
@@ -71,6 +72,7 @@ class RunDirectory:
     checkpoint = property(lambda self: self.root / "checkpoints" / "last.pt")
     warmup_checkpoint = property(lambda self: self.root / "checkpoints" / "warmup.pt")
     notebooks = property(lambda self: self.root / "notebooks")
+    samples = property(lambda self: self.root / "samples.json")
     control = property(lambda self: RunDirectory(self.root / "control"))
 
     @property
@@ -113,7 +115,7 @@ class RunDirectory:
 
     def clear(self) -> None:
         """Delete the run's files (overwrite: true); executed notebooks and control stay."""
-        for path in (self.config, self.vocab, self.env):
+        for path in (self.config, self.vocab, self.env, self.samples):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.steps.parent, ignore_errors=True)
         shutil.rmtree(self.checkpoint.parent, ignore_errors=True)
@@ -147,7 +149,7 @@ class RunDirectory:
 
     def copy_record_to(self, dest: RunDirectory) -> None:
         """Copy this run's record (config, provenance, metrics) to `dest`."""
-        for path in (self.config, self.env, self.initial, self.steps, self.epochs):
+        for path in (self.config, self.env, self.initial, self.steps, self.epochs, self.samples):
             if path.is_file():
                 atomic_write_bytes(dest.root / path.relative_to(self.root), path.read_bytes())
 
@@ -245,6 +247,17 @@ class RunDirectory:
 
     def epoch_records(self) -> list[dict[str, Any]]:
         return read_jsonl(self.epochs)
+
+    # ------------------------------------------------------------ samples
+    def write_samples(self, samples: list[dict[str, Any]]) -> None:
+        """samples.json: the continuations of the fixed prompts (physlm.generate)."""
+        atomic_write_text(self.samples, json.dumps(samples, indent=2, ensure_ascii=False))
+
+    def read_samples(self) -> list[dict[str, Any]]:
+        """The run's samples.json; empty when it has none."""
+        if not self.samples.is_file():
+            return []
+        return json.loads(self.samples.read_text(encoding="utf-8"))
 
     def load(self) -> RunData:
         """The saved run as one typed record."""
