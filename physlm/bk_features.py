@@ -37,8 +37,9 @@ from torch.autograd.function import once_differentiable
 from physlm.bk_core import _linear_scan
 
 # Initial shifts of P learned potentials: gamma geometric from 1 (the reference z = i) down
-# to 0.1. At a = -2 (the band edge) the decay |g| of the recurrence is 0.24 at gamma = 1 and
-# 0.8 at gamma = 0.1: memories from one site to several, longer inside the band.
+# to 0.1. The recurrence decays by |g| per site: at v = 0 (Re z at the band edge of H) 0.48 at
+# gamma = 1 and 0.80 at gamma = 0.1; at v = 2 (the band centre) 0.62 and 0.95: memories from
+# about one site to twenty.
 GAMMA_INIT = (1.0, 0.1)
 # Lower bound of a learned gamma: the resolvent's norm stays <= 100, finite in float32.
 GAMMA_FLOOR = 0.01
@@ -48,6 +49,7 @@ COUPLING_MAX = 2.0
 
 def _scan(u: Tensor, d: Tensor, reverse: bool) -> Tensor:
     """x_i = u_i + d_i x_{i+1} (reverse) or x_{i+1} = u_{i+1} + d_i x_i, along the last dim."""
+    u, d = u.contiguous(), d.contiguous()  # the scan views its input in blocks
     if reverse:
         return _linear_scan(u, d)
     return _linear_scan(u.flip(-1), d.flip(-1)).flip(-1)
@@ -95,7 +97,7 @@ def resolve_features(u: Tensor, g: Tensor, hopping: Tensor | None, causal: bool 
     b, n, d = u.shape
     p = g.shape[1]
     width = d // p
-    signal = u.view(b, n, p, width).permute(0, 2, 3, 1).to(g.dtype)         # (B, P, F, N)
+    signal = u.reshape(b, n, p, width).permute(0, 2, 3, 1).to(g.dtype)         # (B, P, F, N)
     # Both substitutions decay by -t_i g_i from site i to its neighbour, the same for the F
     # features of a potential.
     coupled = g[..., :-1] if hopping is None else g[..., :-1] * hopping

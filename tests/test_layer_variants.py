@@ -117,6 +117,24 @@ def test_resolved_features_match_dense_solves(causal: bool, coupled: bool) -> No
                                        rtol=0, atol=1e-10)
 
 
+def test_resolved_features_long_sequence_float32_is_finite_and_accurate() -> None:
+    """N = 4,096 at the smallest shift a learned gamma can take: the bound ||w|| <= ||u|| / gamma
+    holds, and float32 agrees with float64."""
+    b, p, n = 1, 2, 4_096
+    a, _, hopping = _potentials(b, p, n, seed=6)
+    u = torch.randn(b, n, 2 * p, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    z = torch.full((p, 1), 1j * GAMMA_FLOOR, dtype=torch.complex128)
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        g = resolvent_diagonal(a.to(dtype), z.to(dtype.to_complex()),
+                               offdiag_product=hopping.to(dtype).square())
+        out[dtype] = resolve_features(u.to(dtype), g, hopping.to(dtype))
+    assert out[torch.float32].isfinite().all()
+    assert out[torch.float64].abs().max() <= u.abs().max() * math.sqrt(n) / GAMMA_FLOOR
+    error = (out[torch.float32].to(torch.complex128) - out[torch.float64]).abs().max()
+    assert error <= 1e-3 * out[torch.float64].abs().max()
+
+
 def _layer(variant: str, **overrides) -> BKLayer:
     torch.manual_seed(0)
     config = ModelConfig(d_model=8, num_experts=2, dropout=0.0, **VARIANTS[variant], **overrides)
