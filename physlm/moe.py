@@ -7,6 +7,10 @@ Scaling the chosen expert's output by its router probability is what lets the
 gate learn: in the original the gate's logits never touched the output
 (SPEC section 6, flaw 3). The expert weights are stored stacked, (E, ...).
 
+Nothing in the LM loss balances the load (issue 23: top experts taking 93-99% of the
+tokens); `balance_score` is the Switch Transformer's auxiliary term for it and
+`load_entropy` the per-layer measure of what it achieves.
+
 Two ways to run the experts, the same function of u (`dispatch`, "auto" by default):
 
 - sparse, the default on the CPU: tokens sorted by expert, one matrix product per
