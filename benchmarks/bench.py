@@ -272,7 +272,7 @@ def bench_moe(device: torch.device, timing: Timing) -> dict[str, Any]:
 
     def run(dispatch: str) -> torch.Tensor:
         moe.dispatch = dispatch
-        out, _ = moe(u.detach().requires_grad_())
+        out, *_ = moe(u.detach().requires_grad_())
         out.square().sum().backward()
         return out.detach()
 

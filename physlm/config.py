@@ -69,6 +69,13 @@ class ModelConfig:
     koopman_dim: int = 256
     potential_clamp: float = 3.0
     feature_clamp: float = 10.0
+    # Layer variants (physlm.bk_features): P potentials, shifts i or i gamma_c, hopping 1 or from
+    # the tokens, read out on the diagonal or (features) applied to D/P features each.
+    bk_potentials: int = 1
+    bk_shift: Literal["fixed", "learned"] = "fixed"
+    bk_coupling: Literal["fixed", "learned"] = "fixed"
+    bk_readout: Literal["diagonal", "features"] = "diagonal"
+    moe_balance_weight: float = 0.0  # alpha of the Switch balancing term (ModelOutput)
     energy_heads: bool = True
     # Token and position embeddings ~ N(0, std^2): 1.0 is nn.Embedding's default, which the
     # original kept (SPEC section 7); 0.02 is GPT-2's.
@@ -192,6 +199,13 @@ class Config:
             (m.koopman_dim >= 1, "koopman_dim must be >= 1"),
             (p.koopman_weight >= 0, "koopman_weight must be >= 0"),
             (m.feature_clamp > 0, "feature_clamp must be > 0"),
+            (m.bk_potentials >= 1 and (m.bk_readout == "diagonal"
+                                       or m.d_model % m.bk_potentials == 0),
+             "bk_potentials must be >= 1, and divide d_model with bk_readout: features"),
+            (m.bk_gradient == "exact" or (m.bk_potentials, m.bk_shift, m.bk_coupling,
+                                          m.bk_readout) == (1, "fixed", "fixed", "diagonal"),
+             "bk_gradient: surrogate is the original's layer: it needs the default bk_* settings"),
+            (m.moe_balance_weight >= 0, "moe_balance_weight must be >= 0"),
             (d.vocab_size >= 3, "vocab_size must be >= 3 (<pad>, <unk> and one word)"),
             (d.batch_size >= 1, "batch_size must be >= 1"),
             (d.max_train_batches is None or d.max_train_batches >= 1,

@@ -9,6 +9,13 @@
                G = diag (H - zI)^-1,  H = tridiag(1, -2 + v, 1), z = i   (the BK core)
                out = f + s * Linear(2,D)(clamp([Re G, Im G], -10, 10))
 
+Layer variants (ModelConfig; the defaults are the layer above, physlm.bk_features has the
+math): P potentials Linear(D,P) (`bk_potentials`), each with a learned shift z_c = i gamma_c
+(`bk_shift`) and an input-dependent hopping (`bk_coupling`); their diagonals read out through
+Linear(2P,D), or (`bk_readout: features`) the resolvent applied to u = Linear(D,D)(f), D/P
+features per potential, read out through Linear(2D,D). The MoE's Switch balancing term is
+returned apart from the LM loss (`moe_balance_weight`).
+
 A pure language model: the physics (energy heads H_l = T_l + V_l and the
 multipliers lambda_l) is a separate module, physlm.physics.EnergyPenalty, that
 reads the model's output (token embeddings, the residual stream).
@@ -24,39 +31,59 @@ import torch
 from torch import nn
 
 from physlm.bk_core import resolvent_diagonal, surrogate_resolvent_diagonal
+from physlm.bk_features import Coupling, SpectralShift, resolve_features
 from physlm.config import ModelConfig
 from physlm.koopman import Koopman
 from physlm.losses import head_output
-from physlm.moe import SparseMoE
+from physlm.moe import SparseMoE, balance_score
 
 SPECTRAL_SHIFT = 1j  # z in (H - zI)^-1: keeps the resolvent finite for real potentials
 
 
 class BKLayer(nn.Module):
-    """LayerNorm -> MoE -> potential -> resolvent-diagonal features, added to the MoE output."""
+    """LayerNorm -> MoE -> potentials -> resolvent features, added to the MoE output."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        d = config.d_model
+        d, potentials = config.d_model, config.bk_potentials
         self.norm = nn.LayerNorm(d)
         self.moe = SparseMoE(d, config.num_experts, config.dropout,
                              scale_by_router=config.router == "scaled")
-        self.potential = nn.Linear(d, 1)
-        self.features = nn.Linear(2, d)
+        self.potential = nn.Linear(d, potentials)
+        resolved = config.bk_readout == "features"
+        self.features = nn.Linear(2 * d if resolved else 2 * potentials, d)
         self.scale = nn.Parameter(torch.ones(()))
+        # Drawn after the reference layer's parameters, so its initial weights stay the same.
+        self.shift = SpectralShift(potentials) if config.bk_shift == "learned" else None
+        self.coupling = Coupling(d, potentials) if config.bk_coupling == "learned" else None
+        self.signal = nn.Linear(d, d) if resolved else None
         self.causal = config.bk_mode == "causal"
         self.resolvent = (surrogate_resolvent_diagonal if config.bk_gradient == "surrogate"
                           else resolvent_diagonal)
         self.potential_clamp = config.potential_clamp
         self.feature_clamp = config.feature_clamp
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f, load = self.moe(self.norm(h))
-        v = self.potential(f).squeeze(-1).clamp(-self.potential_clamp, self.potential_clamp)
-        g = self.resolvent(v - 2.0, SPECTRAL_SHIFT, causal=self.causal)    # (B, N) complex
-        features = torch.stack((g.real, g.imag), dim=-1).clamp(-self.feature_clamp,
-                                                                self.feature_clamp)
-        return f + self.scale * self.features(features), load
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h: (B, N, D). Returns the layer's output, the expert load and the mean router
+        probabilities (SparseMoE)."""
+        f, load, importance = self.moe(self.norm(h))
+        v = self.potential(f).clamp(-self.potential_clamp, self.potential_clamp)
+        v = v.transpose(1, 2)                                                 # (B, P, N)
+        z = SPECTRAL_SHIFT if self.shift is None else self.shift()
+        hopping = None if self.coupling is None else self.coupling(f)      # (B, P, N-1)
+        # The features variant needs the causal g (the LU factors) in either bk_mode.
+        causal = self.causal or self.signal is not None
+        if hopping is None:
+            g = self.resolvent(v - 2.0, z, causal=causal)                     # (B, P, N)
+        else:
+            g = resolvent_diagonal(v - 2.0, z, causal=causal, offdiag_product=hopping.square())
+        if self.signal is None:
+            features = torch.cat((g.real, g.imag), dim=1).transpose(1, 2)     # (B, N, 2P)
+        else:
+            w = resolve_features(self.signal(f), g, hopping, causal=self.causal)
+            features = torch.cat((w.real, w.imag), dim=-1)                    # (B, N, 2D)
+        features = features.clamp(-self.feature_clamp, self.feature_clamp)
+        return f + self.scale * self.features(features), load, importance
 
 
 @dataclass
@@ -74,6 +101,9 @@ class ModelOutput:
     hidden_states: list[torch.Tensor]       # [h_0, ..., h_L], the "depth" trajectory
     expert_load: torch.Tensor               # (L, E), fraction of tokens per expert
     state: Any = None                       # carried to the next batch (recurrent models)
+    # moe_balance_weight * the Switch balancing term (physlm.moe.balance_score), averaged over
+    # the layers; None when the weight is 0. Not part of `loss`: an auxiliary objective.
+    balance_loss: torch.Tensor | None = None
 
 
 class ResNetBK(nn.Module):
@@ -103,16 +133,22 @@ class ResNetBK(nn.Module):
             raise ValueError(f"sequence of {n} tokens is longer than n_seq={self.config.n_seq}")
         embeddings = self.token_embedding(x)
         h = embeddings + self.position_embedding.weight[:n]
-        hidden_states, loads = [h], []
+        hidden_states, loads, importances = [h], [], []
         for layer in self.blocks:
-            out, load = layer(h)
+            out, load, importance = layer(h)
             h = h + out
             hidden_states.append(h)
             loads.append(load)
+            importances.append(importance)
         h = self.final_norm(h)
         loss, logits = head_output(h, self.lm_head.weight, self.lm_head.bias, targets)
+        expert_load, balance = torch.stack(loads), None
+        if self.config.moe_balance_weight > 0:
+            score = balance_score(expert_load, torch.stack(importances))
+            balance = self.config.moe_balance_weight * score.mean()
         return ModelOutput(loss=loss, logits=logits, token_embeddings=embeddings,
-                           hidden_states=hidden_states, expert_load=torch.stack(loads))
+                           hidden_states=hidden_states, expert_load=expert_load,
+                           balance_loss=balance)
 
 
 def count_parameters(*modules: nn.Module | None) -> dict[str, int]:

@@ -7,6 +7,10 @@ Scaling the chosen expert's output by its router probability is what lets the
 gate learn: in the original the gate's logits never touched the output
 (SPEC section 6, flaw 3). The expert weights are stored stacked, (E, ...).
 
+Nothing in the LM loss balances the load (issue 23: top experts taking 93-99% of the
+tokens); `balance_score` is the Switch Transformer's auxiliary term for it and
+`load_entropy` the per-layer measure of what it achieves.
+
 Two ways to run the experts, the same function of u (`dispatch`, "auto" by default):
 
 - sparse, the default on the CPU: tokens sorted by expert, one matrix product per
@@ -51,8 +55,9 @@ class SparseMoE(nn.Module):
             nn.init.uniform_(b, -bound, bound)
 
     def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u: (..., D). Returns the mixture output (..., D) and the expert load (E,),
-        the fraction of tokens routed to each expert."""
+        """u: (..., D). Returns the mixture output (..., D), the expert load f (E,), the
+        fraction of tokens routed to each expert, and the importance P (E,), the mean router
+        probability of each expert (differentiable; `balance_score`)."""
         shape = u.shape
         tokens = u.reshape(-1, shape[-1])                                   # (T, D)
         probs = F.softmax(self.gate(tokens), dim=-1)                        # (T, E)
@@ -64,7 +69,7 @@ class SparseMoE(nn.Module):
         else:
             chosen = self._dense(tokens, top_expert)
         mixed = chosen * top_prob.unsqueeze(-1) if self.scale_by_router else chosen
-        return mixed.reshape(shape), counts.to(u.dtype) / tokens.shape[0]
+        return mixed.reshape(shape), counts.to(u.dtype) / tokens.shape[0], probs.mean(0)
 
     def _sparse(self, tokens: torch.Tensor, top_expert: torch.Tensor,
                 counts: torch.Tensor) -> torch.Tensor:
@@ -82,3 +87,24 @@ class SparseMoE(nn.Module):
         hidden = F.relu(torch.baddbmm(self.b1, experts, self.w1))
         outputs = torch.baddbmm(self.b2, self.dropout(hidden), self.w2)     # (E, T, D)
         return outputs[top_expert, torch.arange(tokens.shape[0], device=tokens.device)]
+
+
+def balance_score(load: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """The Switch Transformer's load-balancing term without its weight alpha, over the last dim:
+
+        E * sum_e f_e P_e,   f = load (the top-1 fractions, no gradient), P = importance
+
+    Its gradient reaches the router through P only, pushing down the probabilities of the
+    experts that take the most tokens. Any exactly uniform load (f_e = 1/E) scores exactly 1,
+    whatever P: so does a collapsed router with flat probabilities (f one-hot, P_e = 1/E).
+    It is not minimised by balance alone: with E = 2, f = (3/4, 1/4) and the first expert's
+    tokens at a tie (p = (1/2, 1/2)), the others at p = (0, 1), it scores 7/8, the least
+    any top-1 router of two experts can.
+    """
+    return load.shape[-1] * (load * importance).sum(-1)
+
+
+def load_entropy(load: torch.Tensor) -> torch.Tensor:
+    """Entropy of the expert load over the last dim, in nats, e.g. (L, E) -> (L,): log E when
+    every expert takes the same share, 0 when one expert takes every token."""
+    return -torch.special.xlogy(load, load).sum(-1)

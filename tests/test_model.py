@@ -70,7 +70,7 @@ def test_bidirectional_model_leaks_the_future():
 def test_router_receives_gradient_and_load_is_a_distribution():
     torch.manual_seed(0)
     moe = SparseMoE(8, 4, dropout=0.0)
-    out, load = moe(torch.randn(2, 10, 8))
+    out, load, _ = moe(torch.randn(2, 10, 8))
     out.square().sum().backward()
     assert moe.gate.weight.grad.abs().sum() > 0
     assert load.shape == (4,) and load.sum().item() == pytest.approx(1.0)
@@ -80,7 +80,7 @@ def test_moe_equals_running_the_chosen_expert_alone():
     torch.manual_seed(0)
     moe = SparseMoE(8, 3, dropout=0.0)
     u = torch.randn(5, 8)
-    out, _ = moe(u)
+    out, *_ = moe(u)
     probs = F.softmax(moe.gate(u), -1)
     for t in range(5):
         e = probs[t].argmax()
