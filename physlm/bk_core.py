@@ -25,6 +25,10 @@ flipped sequences), run as a parallel scan: recursive doubling inside blocks of 
 log2(BLOCK) steps over the whole batch instead of N sequential ones, and one carry between
 blocks; O(N log BLOCK) work. A change of q_k acts like a change of a'_{k+1} by -g_k dq_k (on
 the sites right of it) or of a'_k by -h_{k+1} dq_k (on the sites left of it).
+
+On a GPU these scans are launch-bound (~100 small kernels per layer forward + backward), so
+`resolvent_diagonal` runs CUDA tensors through physlm/bk_triton.py instead: the same recurrences
+as one Triton kernel per pass. The scans here stay the CPU path and the reference.
 """
 
 from __future__ import annotations
@@ -237,9 +241,9 @@ def resolvent_diagonal(
     diagonal G_ii; causal=True gives g_i, the last diagonal entry of the resolvent of the leading
     i x i block, which depends on positions <= i only.
 
-    fused: None runs CUDA tensors through the Triton kernels of physlm.bk_triton (one kernel per
-    pass) where Triton imports, everything else through the PyTorch scans here (the reference);
-    False forces the scans, True the kernels.
+    fused: None runs float32 and float64 CUDA tensors through the Triton kernels of
+    physlm.bk_triton (one kernel per pass) where Triton imports, everything else through the
+    PyTorch scans here (the reference); False forces the scans, True the kernels.
     """
     n = diag.shape[-1]
     ap = diag - z
@@ -249,7 +253,8 @@ def resolvent_diagonal(
     ap = ap.expand(*batch, n).reshape(m, n)
     if q is not None:
         q = q.expand(*batch, n - 1).reshape(m, n - 1)
-    kernels = _triton() if fused or (fused is None and ap.is_cuda) else None
+    automatic = ap.is_cuda and ap.dtype in (torch.complex64, torch.complex128)
+    kernels = _triton() if fused or (fused is None and automatic) else None
     if fused and kernels is None:
         raise ImportError("resolvent_diagonal(fused=True) needs Triton (pip install triton)")
     if kernels is None:
