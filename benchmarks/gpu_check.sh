@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path, verified in one go (about 4 minutes on one modern GPU, at most the sum of the
+# The GPU path, verified in one go (about 3 minutes on one modern GPU, at most the sum of the
 # timeouts, 7), into ONE JSON:
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]              # default benchmarks/results/gpu-check
@@ -67,8 +67,8 @@ part() {  # part NAME TIMEOUT_S COMMAND...: run it, keep its log, exit code and 
 
 if [ "$MODE" = cuda ]; then
     # only this file: collecting all tests would need the notebook extras, which a GPU image may lack
-    part cuda_tests 50 "$PY" -m pytest -q -m cuda tests/test_cuda.py
-    # the first compile of each kernel variant (about 20) takes a second or two
+    part cuda_tests 60 "$PY" -m pytest -q -m cuda tests/test_cuda.py
+    # (the first use of each kernel variant compiles it: a second or two, cached after)
     part triton_tests 150 "$PY" -m pytest -q -m cuda tests/test_bk_triton.py
     part epoch 75 "$PY" benchmarks/gpu_epoch.py --device cuda --out "$PARTS/epoch.json"
     part bench 90 "$PY" benchmarks/bench.py --only step,bk,fused --quick --device cuda \
