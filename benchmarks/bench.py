@@ -1,7 +1,8 @@
 """Benchmarks: training step, validation, BK core and its scaling, MoE dispatch.
 
     python benchmarks/bench.py [--quick] [--out benchmarks/results/cpu.json]
-                               [--only step,energy,eval,bk,scaling,moe] [--device auto]
+                               [--only step,energy,eval,bk,fused,scaling,moe]
+                               [--device auto]
                                [--threads N]
 
 Sections (all on synthetic tokens, at the reference configuration of SPEC section 2):
@@ -17,6 +18,8 @@ Sections (all on synthetic tokens, at the reference configuration of SPEC sectio
 - eval: validation throughput (model.eval(), no_grad).
 - bk: BK core forward + backward at B=32, N=128, both forms, against a per-position
   Python loop through the continued fractions (plain autograd, complex tensors).
+- fused (CUDA only): the BK core's Triton kernels (what resolvent_diagonal runs on CUDA)
+  against its PyTorch scan on the same device, at B=32, N=128 and longer N.
 - scaling: BK core at N = 128 ... 16,384 with B * N fixed, time per position.
 - moe: one MoE layer forward + backward, sparse dispatch against dense (all experts).
 
@@ -47,6 +50,7 @@ physlm.passive_openmp()  # before torch: idle OpenMP threads sleep
 # isort: split
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -81,6 +85,7 @@ from workloads import (
     EPOCH_STEPS,
     EVAL_STEPS,
     FORMS,
+    FUSED_SHAPES,
     SCALING_LENGTHS,
     SCALING_POSITIONS,
     SECTIONS,
@@ -94,9 +99,11 @@ from workloads import (
 )
 
 FULL = {"step": Timing(31, 3, 1), "energy": Timing(30, 3, 5), "eval": Timing(20, 3, 1),
-        "bk": Timing(30, 5, 20), "scaling": Timing(10, 2, 3), "moe": Timing(30, 5, 5)}
+        "bk": Timing(30, 5, 20), "fused": Timing(30, 5, 20), "scaling": Timing(10, 2, 3),
+        "moe": Timing(30, 5, 5)}
 QUICK = {"step": Timing(3, 1, 1), "energy": Timing(5, 1, 2), "eval": Timing(3, 1, 1),
-         "bk": Timing(5, 2, 5), "scaling": Timing(3, 1, 1), "moe": Timing(5, 2, 2)}
+         "bk": Timing(5, 2, 5), "fused": Timing(5, 2, 5), "scaling": Timing(3, 1, 1),
+         "moe": Timing(5, 2, 2)}
 
 
 # ---------------------------------------------------------------- physlm's training API
@@ -244,6 +251,33 @@ def bench_bk(device: torch.device, timing: Timing) -> dict[str, Any]:
     return result
 
 
+def bench_fused(device: torch.device, timing: Timing) -> dict[str, Any]:
+    """BK core forward + backward: the Triton kernels against the PyTorch scan, same device."""
+    if device.type != "cuda":
+        return {"skipped": "needs CUDA: the Triton kernels run compiled only on a GPU (on the "
+                           "CPU, tests/test_bk_triton.py runs them in Triton's interpreter)"}
+    if importlib.util.find_spec("triton") is None:
+        return {"skipped": "Triton is not installed: resolvent_diagonal runs the scan on CUDA"}
+    result: dict[str, Any] = {"shapes": [list(shape) for shape in FUSED_SHAPES]}
+    for form in FORMS:
+        rows = []
+        for batch, n in FUSED_SHAPES:
+            diag = random_potential(batch, n, device)
+            weight = torch.randn(batch, n, 2, generator=torch.Generator().manual_seed(3))
+            fns = {name: partial(bk_pass, partial(resolvent_diagonal, fused=name == "fused"),
+                                 diag, weight.to(device), form == "causal")
+                   for name in ("fused", "scan")}
+            (g_fused, grad_fused), (g_scan, grad_scan) = fns["fused"](), fns["scan"]()
+            samples = time_interleaved(fns, device, timing)
+            rows.append({"batch": batch, "n": n, "fused": summary(samples["fused"]),
+                         "scan": summary(samples["scan"]),
+                         "speedup": paired_ratio(samples["scan"], samples["fused"]),
+                         "max_abs_diff": (g_fused - g_scan).abs().max().item(),
+                         "max_abs_diff_grad": (grad_fused - grad_scan).abs().max().item()})
+        result[form] = rows
+    return result
+
+
 def bench_scaling(device: torch.device, timing: Timing) -> dict[str, Any]:
     """BK core forward + backward time per position for growing N at fixed B * N."""
     result: dict[str, Any] = {"positions": SCALING_POSITIONS}
@@ -288,8 +322,8 @@ def bench_moe(device: torch.device, timing: Timing) -> dict[str, Any]:
 
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
-    "energy": bench_energy, "eval": bench_eval, "bk": bench_bk, "scaling": bench_scaling,
-    "moe": bench_moe,
+    "energy": bench_energy, "eval": bench_eval, "bk": bench_bk, "fused": bench_fused,
+    "scaling": bench_scaling, "moe": bench_moe,
 }
 
 
@@ -333,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results[section] = BENCHMARKS[section](device, timing)
     results["load_average_end"] = os.getloadavg()
-    results["targets"] = check_targets(target_values(results))
+    results["targets"] = check_targets(target_values(results), device.type)
 
     print("\n".join(format_results(results)))
     default_name = f"{device.type}{'-quick' if args.quick else ''}.json"

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The GPU path, verified in one go (within 4 minutes on one modern GPU), into ONE JSON:
+# The GPU path, verified in one go (about 3 minutes on one modern GPU, at most the sum of the
+# timeouts, 7), into ONE JSON:
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]              # default benchmarks/results/gpu-check
 #   bash benchmarks/gpu_check.sh --cpu-smoke OUT_DIR    # the CI-size CPU fallback
 #
 # Parts, each under its own `timeout`, each a record in OUT_DIR/gpu-check.json:
-#   cuda_tests  python -m pytest -q -m cuda tests/test_cuda.py  (CUDA = CPU numbers,
+#   cuda_tests    python -m pytest -q -m cuda tests/test_cuda.py  (CUDA = CPU numbers,
 #                                                        a bf16 autocast epoch stays finite)
-#   epoch       benchmarks/gpu_epoch.py                (the proxy's epoch, 59 x 32 x 128, vocab
+#   triton_tests  python -m pytest -q -m cuda tests/test_bk_triton.py  (the BK core's Triton
+#                                                        kernels and the linear scan, compiled,
+#                                                        against the PyTorch scans, N to 16,384)
+#   epoch         benchmarks/gpu_epoch.py              (the proxy's epoch, 59 x 32 x 128, vocab
 #                                                        30,000, real Trainer, fp32 and bf16)
-#   bench       benchmarks/bench.py --only step,bk --quick
-#   context     benchmarks/context.py --quick          (ResNet-BK vs the Transformer over N)
+#   bench         benchmarks/bench.py --only step,bk,fused --quick  (fused: the Triton kernels
+#                                                        vs the scan at B=32 N=128 and longer N)
+#   context       benchmarks/context.py --quick        (ResNet-BK vs the Transformer over N)
 # Without CUDA (or with --cpu-smoke) the same parts run at CI size on the CPU, and what needs
-# CUDA (the CUDA tests, bf16 autocast) is skipped with one line each. The script exits 0 when
-# every part that ran passed, 1 if one failed or timed out. PYTHON overrides the interpreter.
+# CUDA (the CUDA and Triton tests, bf16 autocast) is skipped with one line each. The script
+# exits 0 when every part that ran passed, 1 if one failed or timed out. PYTHON overrides the
+# interpreter.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -61,13 +67,16 @@ part() {  # part NAME TIMEOUT_S COMMAND...: run it, keep its log, exit code and 
 
 if [ "$MODE" = cuda ]; then
     # only this file: collecting all tests would need the notebook extras, which a GPU image may lack
-    part cuda_tests 50 "$PY" -m pytest -q -m cuda tests/test_cuda.py
+    part cuda_tests 60 "$PY" -m pytest -q -m cuda tests/test_cuda.py
+    # (the first use of each kernel variant compiles it: a second or two, cached after)
+    part triton_tests 150 "$PY" -m pytest -q -m cuda tests/test_bk_triton.py
     part epoch 75 "$PY" benchmarks/gpu_epoch.py --device cuda --out "$PARTS/epoch.json"
-    part bench 60 "$PY" benchmarks/bench.py --only step,bk --quick --device cuda \
+    part bench 90 "$PY" benchmarks/bench.py --only step,bk,fused --quick --device cuda \
         --out "$PARTS/bench.json"
     part context 45 "$PY" benchmarks/context.py --quick --device cuda --out "$PARTS/context.json"
 else
     skip cuda_tests "needs a CUDA device (tests marked cuda)"
+    skip triton_tests "needs a CUDA device (the CPU runs them in Triton's interpreter, in CI)"
     # gpu_epoch.py itself skips bf16 autocast on the CPU, with its line
     part epoch 60 "$PY" benchmarks/gpu_epoch.py --device cpu --batches 2 \
         --batch-size 4 --n-seq 32 --vocab 500 --eval-batches 1 --warmup-steps 1 \

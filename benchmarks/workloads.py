@@ -14,13 +14,16 @@ from torch import nn
 from physlm.config import DataConfig, ModelConfig
 from physlm.data import PAD, UNK, Corpus, Vocabulary
 
-SECTIONS = ("step", "energy", "eval", "bk", "scaling", "moe")
+SECTIONS = ("step", "energy", "eval", "bk", "fused", "scaling", "moe")
 STEP_CONFIGS = ("naive_floor", "physics_off", "physics_on")
 FORMS = ("causal", "bidirectional")
 EPOCH_STEPS, EVAL_STEPS = 498, 52   # train and validation batches on WikiText-2 (SPEC section 1)
 VOCAB, BATCH = DataConfig.vocab_size, DataConfig.batch_size   # the reference's (physlm.config)
 SCALING_POSITIONS = 65_536  # B * N for the scaling sweep
 SCALING_LENGTHS = (128, 512, 2048, 8192, 16_384)
+# (B, N) of the fused section: the reference shape, then longer sequences (the kernels run
+# each sequence site by site, so at a small batch their time grows with N).
+FUSED_SHAPES = ((BATCH, 128), (BATCH, 1024), (4, 16_384))
 
 
 def synthetic_corpus(vocab_size: int, n_seq: int, chunks: int, seed: int = 0) -> Corpus:

@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 LAYERS = (
     ("foundation", ("errors", "values", "files", "text")),          # no torch
     ("settings", ("config",)),
-    ("numerics", ("distributed", "bk_core", "bk_features", "losses", "moe", "koopman", "metrics",
-                  "gradients", "fixture")),
+    ("numerics", ("distributed", "triton_complex", "bk_triton", "scan_triton", "bk_core",
+                  "bk_features", "losses", "moe", "koopman", "metrics", "gradients", "fixture")),
     ("models", ("model", "transformer", "lstm", "physics", "build", "objectives")),
     ("runs", ("data", "checkpoint", "lock", "provenance", "runs", "evaluation", "trainer",
               "pool", "generate")),

@@ -25,11 +25,17 @@ flipped sequences), run as a parallel scan: recursive doubling inside blocks of 
 log2(BLOCK) steps over the whole batch instead of N sequential ones, and one carry between
 blocks; O(N log BLOCK) work. A change of q_k acts like a change of a'_{k+1} by -g_k dq_k (on
 the sites right of it) or of a'_k by -h_{k+1} dq_k (on the sites left of it).
+
+On a GPU these scans are launch-bound (~100 small kernels per layer forward + backward), so
+`resolvent_diagonal` runs CUDA tensors through physlm/bk_triton.py instead: the same recurrences
+as one Triton kernel per pass. The scans here stay the CPU path and the reference.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -208,12 +214,24 @@ class _Bidirectional(torch.autograd.Function):
         return (t + p - v).conj(), grad_q
 
 
+@functools.cache
+def _triton() -> ModuleType | None:
+    """physlm.bk_triton, or None where Triton does not import. Imported on first use on CUDA, so
+    that the CPU path never pays for importing Triton."""
+    try:
+        from physlm import bk_triton
+    except ImportError:
+        return None
+    return bk_triton
+
+
 def resolvent_diagonal(
     diag: Tensor,
     z: complex = 1j,
     *,
     causal: bool = True,
     offdiag_product: Tensor | None = None,
+    fused: bool | None = None,
 ) -> Tensor:
     """Diagonal of (H - z)^{-1} for tridiagonal H, batched over leading dims.
 
@@ -222,6 +240,10 @@ def resolvent_diagonal(
     (..., N) (complex64 for float32, complex128 for float64): causal=False gives the full
     diagonal G_ii; causal=True gives g_i, the last diagonal entry of the resolvent of the leading
     i x i block, which depends on positions <= i only.
+
+    fused: None runs float32 and float64 CUDA tensors through the Triton kernels of
+    physlm.bk_triton (one kernel per pass) where Triton imports, everything else through the
+    PyTorch scans here (the reference); False forces the scans, True the kernels.
     """
     n = diag.shape[-1]
     ap = diag - z
@@ -231,7 +253,14 @@ def resolvent_diagonal(
     ap = ap.expand(*batch, n).reshape(m, n)
     if q is not None:
         q = q.expand(*batch, n - 1).reshape(m, n - 1)
-    out = (_Causal if causal else _Bidirectional).apply(ap, q)
+    automatic = ap.is_cuda and ap.dtype in (torch.complex64, torch.complex128)
+    kernels = _triton() if fused or (fused is None and automatic) else None
+    if fused and kernels is None:
+        raise ImportError("resolvent_diagonal(fused=True) needs Triton (pip install triton)")
+    if kernels is None:
+        out = (_Causal if causal else _Bidirectional).apply(ap, q)
+    else:
+        out = (kernels.Causal if causal else kernels.Bidirectional).apply(ap, q)
     return out.view(*batch, n)
 
 
