@@ -78,6 +78,12 @@ class DataConfig:
     train_file: str | None = setting(None, RESUMABLE, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
     valid_file: str | None = setting(None, RESUMABLE, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
     vocab_size: int = 30_000
+    # Train words seen fewer times are <unk> (1: every train word is in the vocabulary, so
+    # on the proxy <unk> never occurs in train; physlm.data).
+    vocab_min_count: int = 1
+    # The last fraction of the train split's lines, held out for tuning and early stopping
+    # (0: none, the reference configuration; physlm.data).
+    heldout_fraction: float = 0.0
     batch_size: int = 32
     # shuffled: chunks in a seeded random order; stream: batch_size contiguous streams, so
     # that a recurrent model carries its state from one batch to the next (physlm.data).
@@ -188,6 +194,8 @@ class Config:
             (p.koopman_weight >= 0, "koopman_weight must be >= 0"),
             (m.feature_clamp > 0, "feature_clamp must be > 0"),
             (d.vocab_size >= 3, "vocab_size must be >= 3 (<pad>, <unk> and one word)"),
+            (d.vocab_min_count >= 1, "vocab_min_count must be >= 1"),
+            (0 <= d.heldout_fraction < 1, "heldout_fraction must be in [0, 1) (0: none)"),
             (d.batch_size >= 1, "batch_size must be >= 1"),
             (d.max_train_batches is None or d.max_train_batches >= 1,
              "max_train_batches must be >= 1, or empty for all batches"),
