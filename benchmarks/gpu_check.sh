@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu_check.sh --cpu-smoke OUT_DIR    # the CI-size CPU fallback
 #
 # Parts, each under its own `timeout`, each a record in OUT_DIR/gpu-check.json:
-#   cuda_tests  python -m pytest -q -m cuda tests/test_cuda.py  (CUDA = CPU numbers,
+#   cuda_tests  python -m pytest -q -m cuda tests/test_cuda.py tests/test_optim.py
+#                                                       (CUDA = CPU numbers; the optimizers'
+#                                                        fused skip and resume on CUDA;
 #                                                        a bf16 autocast epoch stays finite)
 #   epoch       benchmarks/gpu_epoch.py                (the proxy's epoch, 59 x 32 x 128, vocab
 #                                                        30,000, real Trainer, fp32 and bf16)
@@ -61,7 +63,7 @@ part() {  # part NAME TIMEOUT_S COMMAND...: run it, keep its log, exit code and 
 
 if [ "$MODE" = cuda ]; then
     # only this file: collecting all tests would need the notebook extras, which a GPU image may lack
-    part cuda_tests 50 "$PY" -m pytest -q -m cuda tests/test_cuda.py
+    part cuda_tests 50 "$PY" -m pytest -q -m cuda tests/test_cuda.py tests/test_optim.py
     part epoch 75 "$PY" benchmarks/gpu_epoch.py --device cuda --out "$PARTS/epoch.json"
     part bench 60 "$PY" benchmarks/bench.py --only step,bk --quick --device cuda \
         --out "$PARTS/bench.json"
