@@ -143,7 +143,8 @@ def test_proxy_figures_match_the_issue():
     targets: unigram 1,701, KN bigram 843 and trigram 836; without <unk> targets 421 and
     413 (its figures use the whole streams; the chunks here drop a tail of < 129 tokens)."""
     config = load_config(REPO / "params" / "wt2_proxy.yaml")
-    data = dataclasses.replace(config.data, data_dir=str(PROXY))
+    data = dataclasses.replace(config.data, data_dir=str(PROXY), vocab_min_count=1,
+                               heldout_fraction=0.0)   # the issue's vocabulary and split
     result = count_references(load_corpus(data, config.model.n_seq))
     expected = {"unigram": (1701, None), "kn_bigram": (843, 421), "kn_trigram": (836, 413)}
     for name, (all_targets, known) in expected.items():
