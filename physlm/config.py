@@ -225,6 +225,8 @@ class Config:
              "nesterov: true needs optimizer: sgd and momentum > 0"),
             (t.symplectic_delta >= 0, "symplectic_delta must be >= 0 (0: classical momentum)"),
             (t.lr_plateau_patience >= 0, "lr_plateau_patience must be >= 0"),
+            (t.lr_schedule != "plateau" or d.heldout_fraction > 0, "lr_schedule: plateau "
+             "needs heldout_fraction > 0 (it watches the held-out loss, never validation)"),
             (t.weight_decay >= 0, "weight_decay must be >= 0"),
             (t.grad_clip > 0, "grad_clip must be > 0"),
             (0 <= t.seed < 2**32, "seed must be in [0, 2**32)"),

@@ -65,6 +65,7 @@ def test_params_file_then_overrides(tmp_path):
     ({"optimizer": "symplectic", "momentum": 0.9, "nesterov": True}, "nesterov: true needs"),
     ({"symplectic_delta": -1.0}, "symplectic_delta must be >= 0"),
     ({"lr_plateau_patience": -1}, "lr_plateau_patience must be >= 0"),
+    ({"lr_schedule": "plateau"}, "plateau needs heldout_fraction > 0"),
     ({"heldout_fraction": 1.0}, r"heldout_fraction must be in \[0, 1\)"),
     ({"heldout_fraction": -0.1}, r"heldout_fraction must be in \[0, 1\)"),
     ({"lr": -1}, "lr must be > 0"),

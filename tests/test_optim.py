@@ -35,7 +35,8 @@ HELDOUT = [3.0, 2.0, 2.5, 2.6, 1.0]   # per epoch: falls, then stalls twice (pat
 
 
 def _config(**values):
-    return from_flat({"epochs": EPOCHS, "physics_start_epoch": 1, **values}).train
+    return from_flat({"epochs": EPOCHS, "physics_start_epoch": 1, "heldout_fraction": 0.1,
+                      **values}).train
 
 
 def _batch(step: int) -> torch.Tensor:
