@@ -6,7 +6,9 @@
 #   bash benchmarks/gpu_check.sh --cpu-smoke OUT_DIR    # the CI-size CPU fallback
 #
 # Parts, each under its own `timeout`, each a record in OUT_DIR/gpu-check.json:
-#   cuda_tests    python -m pytest -q -m cuda tests/test_cuda.py  (CUDA = CPU numbers,
+#   cuda_tests    python -m pytest -q -m cuda tests/test_cuda.py tests/test_optim.py
+#                                                       (CUDA = CPU numbers; the optimizers'
+#                                                        fused skip and resume on CUDA;
 #                                                        a bf16 autocast epoch stays finite)
 #   triton_tests  python -m pytest -q -m cuda tests/test_bk_triton.py  (the BK core's Triton
 #                                                        kernels and the linear scan, compiled,
@@ -67,7 +69,7 @@ part() {  # part NAME TIMEOUT_S COMMAND...: run it, keep its log, exit code and 
 
 if [ "$MODE" = cuda ]; then
     # only this file: collecting all tests would need the notebook extras, which a GPU image may lack
-    part cuda_tests 60 "$PY" -m pytest -q -m cuda tests/test_cuda.py
+    part cuda_tests 60 "$PY" -m pytest -q -m cuda tests/test_cuda.py tests/test_optim.py
     # (the first use of each kernel variant compiles it: a second or two, cached after)
     part triton_tests 150 "$PY" -m pytest -q -m cuda tests/test_bk_triton.py
     part epoch 75 "$PY" benchmarks/gpu_epoch.py --device cuda --out "$PARTS/epoch.json"

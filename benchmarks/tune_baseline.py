@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from physlm.config import from_flat, read_params_file
+from physlm.data import split_heldout
 from physlm.pool import TrainJob, run_jobs
 from physlm.runs import load_run
 from physlm.values import parse_assignment
@@ -35,11 +36,14 @@ HOLDOUT = 0.10
 def split_train_file(source: Path, folder: Path) -> dict[str, str]:
     """Write the first 90% of `source`'s lines as tune.train.raw and the rest as
     tune.heldout.raw in `folder`; returns the data settings that point at them."""
+    # The same cut as `heldout_fraction` (physlm.data.split_heldout). Written as files because
+    # the trainer validates on `valid` only; once it reads Corpus.heldout, setting
+    # heldout_fraction: 0.1 replaces these files.
     lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
-    cut = round(len(lines) * (1 - HOLDOUT))
+    train, heldout = split_heldout(lines, HOLDOUT)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tune.train.raw").write_text("".join(lines[:cut]), encoding="utf-8")
-    (folder / "tune.heldout.raw").write_text("".join(lines[cut:]), encoding="utf-8")
+    (folder / "tune.train.raw").write_text("".join(train), encoding="utf-8")
+    (folder / "tune.heldout.raw").write_text("".join(heldout), encoding="utf-8")
     return {"data_dir": str(folder), "train_file": "tune.train.raw",
             "valid_file": "tune.heldout.raw"}
 

@@ -12,9 +12,10 @@ LAYERS = (
     ("foundation", ("errors", "values", "files", "text")),          # no torch
     ("settings", ("config",)),
     ("numerics", ("distributed", "triton_complex", "bk_triton", "scan_triton", "bk_core",
-                  "bk_features", "losses", "moe", "koopman", "metrics", "gradients", "fixture")),
+                  "bk_features", "losses", "moe", "koopman", "metrics", "gradients", "fixture",
+                  "optim")),
     ("models", ("model", "transformer", "lstm", "physics", "build", "objectives")),
-    ("runs", ("data", "checkpoint", "lock", "provenance", "runs", "evaluation", "trainer",
+    ("runs", ("data", "ngram", "checkpoint", "lock", "provenance", "runs", "evaluation", "trainer",
               "pool", "generate")),
     ("analysis", ("criteria", "plots", "statistics", "report", "history", "progress")),
     ("workflows", ("study", "study_report", "pipeline")),

@@ -90,6 +90,12 @@ class DataConfig:
     train_file: str | None = setting(None, RESUMABLE, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
     valid_file: str | None = setting(None, RESUMABLE, CONTROL_MAY_DIFFER, WARMUP_INVARIANT)
     vocab_size: int = 30_000
+    # Train words seen fewer times are <unk> (1: every train word is in the vocabulary, so
+    # on the proxy <unk> never occurs in train; physlm.data).
+    vocab_min_count: int = 1
+    # The last fraction of the train split's lines, held out for tuning and early stopping
+    # (0: none, the reference configuration; physlm.data).
+    heldout_fraction: float = 0.0
     batch_size: int = 32
     # shuffled: chunks in a seeded random order; stream: batch_size contiguous streams, so
     # that a recurrent model carries its state from one batch to the next (physlm.data).
@@ -103,9 +109,21 @@ class TrainConfig:
     # The run's name: its default run directory runs/<name> and report reports/<name>.md.
     # Unset, it is "run-" + a digest of the settings (Config.run_name).
     name: str | None = setting(None, *EXECUTION)
-    epochs: int = setting(10, RESUMABLE, WARMUP_INVARIANT)  # no schedule depends on it
+    # No schedule depends on it, except lr_schedule: cosine (Config.is_tagged).
+    epochs: int = setting(10, RESUMABLE, WARMUP_INVARIANT)
     lr: float = 1e-3
+    # physlm.optim: adamw (fused); sgd (fused; momentum, nesterov); symplectic (relativistic
+    # gradient descent: momentum is its conformal factor e^{-gamma h}, symplectic_delta its
+    # 1/(mc)^2; 0 is heavy ball). weight_decay: AdamW's decoupled decay, else an L2 term.
+    optimizer: Literal["adamw", "sgd", "symplectic"] = "adamw"
+    momentum: float = 0.0
+    nesterov: bool = False
+    symplectic_delta: float = 1.0
+    # constant, cosine (to 0 at the last step: depends on epochs) or plateau (lr / 4 after
+    # lr_plateau_patience epochs without a lower held-out loss), after a linear warmup.
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
     lr_warmup_steps: int = 0   # linear learning-rate warmup over the first steps (0: none)
+    lr_plateau_patience: int = 0
     weight_decay: float = 0.01
     grad_clip: float = 0.5
     seed: int = 0
@@ -207,6 +225,8 @@ class Config:
              "bk_gradient: surrogate is the original's layer: it needs the default bk_* settings"),
             (m.moe_balance_weight >= 0, "moe_balance_weight must be >= 0"),
             (d.vocab_size >= 3, "vocab_size must be >= 3 (<pad>, <unk> and one word)"),
+            (d.vocab_min_count >= 1, "vocab_min_count must be >= 1"),
+            (0 <= d.heldout_fraction < 1, "heldout_fraction must be in [0, 1) (0: none)"),
             (d.batch_size >= 1, "batch_size must be >= 1"),
             (d.max_train_batches is None or d.max_train_batches >= 1,
              "max_train_batches must be >= 1, or empty for all batches"),
@@ -217,6 +237,15 @@ class Config:
             (t.epochs >= 1, "epochs must be >= 1"),
             (t.lr > 0, "lr must be > 0"),
             (t.lr_warmup_steps >= 0, "lr_warmup_steps must be >= 0"),
+            (0 <= t.momentum < 1, "momentum must be in [0, 1)"),
+            (t.momentum == 0 or t.optimizer != "adamw", "momentum is for sgd and symplectic; "
+             "adamw has its own (betas)"),
+            (not t.nesterov or (t.optimizer == "sgd" and t.momentum > 0),
+             "nesterov: true needs optimizer: sgd and momentum > 0"),
+            (t.symplectic_delta >= 0, "symplectic_delta must be >= 0 (0: classical momentum)"),
+            (t.lr_plateau_patience >= 0, "lr_plateau_patience must be >= 0"),
+            (t.lr_schedule != "plateau" or d.heldout_fraction > 0, "lr_schedule: plateau "
+             "needs heldout_fraction > 0 (it watches the held-out loss, never validation)"),
             (t.weight_decay >= 0, "weight_decay must be >= 0"),
             (t.grad_clip > 0, "grad_clip must be > 0"),
             (0 <= t.seed < 2**32, "seed must be in [0, 2**32)"),
@@ -300,7 +329,7 @@ class Config:
         different experiments never share a default run directory or report."""
         if self.train.name:
             return self.train.name
-        identity = {k: v for k, v in self.to_flat().items() if RESUMABLE not in TAGS[k]}
+        identity = {k: v for k, v in self.to_flat().items() if not self.is_tagged(k, RESUMABLE)}
         digest = hashlib.sha256(yaml.safe_dump(identity, sort_keys=True).encode()).hexdigest()
         return f"run-{digest[:8]}"
 
@@ -308,11 +337,17 @@ class Config:
         """The baseline: the same model, data, seed and budget with the penalty off."""
         return from_flat({"energy_penalty": False}, base=self)
 
+    def is_tagged(self, key: str, tag: str) -> bool:
+        """Whether setting `key` carries `tag` in this configuration: its field's tags, except
+        that `epochs` sets a cosine schedule's length, so then changes the computation."""
+        return tag in TAGS[key] and not (key == "epochs" and self.train.lr_schedule == "cosine")
+
     def differences(self, other: Config, allowed: str) -> dict[str, tuple[Any, Any]]:
-        """Settings not tagged `allowed` whose values differ: key -> (self's, other's)."""
+        """Settings not tagged `allowed` (in both) whose values differ: key -> (self's,
+        other's)."""
         mine, theirs = self.to_flat(), other.to_flat()
-        return {key: (mine[key], theirs[key]) for key in KEYS
-                if allowed not in TAGS[key] and mine[key] != theirs[key]}
+        return {key: (mine[key], theirs[key]) for key in KEYS if mine[key] != theirs[key]
+                and not (self.is_tagged(key, allowed) and other.is_tagged(key, allowed))}
 
     @classmethod
     def load(cls, path: str | Path) -> Config:

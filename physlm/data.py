@@ -2,7 +2,12 @@
 
 Tokens are `line.strip().split()` of every line, empty lines dropped, lines
 concatenated with no end-of-line token. The vocabulary comes from the train split
-only: `<pad>` = 0, `<unk>` = 1, then the most frequent train tokens. The id stream
+only: `<pad>` = 0, `<unk>` = 1, then the most frequent train tokens (at most vocab_size
+in all, each seen at least vocab_min_count times; every other word is `<unk>`, in train
+too, so that `<unk>` is a trained token when either bound bites). A held-out split
+(`heldout_fraction` > 0) is the last fraction of the train split's lines, removed from
+train before the vocabulary is counted: tuning and early stopping read it, never the
+validation split. The id stream
 of each split is cut into non-overlapping chunks of n_seq + 1 ids (the tail is
 dropped); a chunk gives x = chunk[:-1] and y = chunk[1:]. Train batches follow a
 permutation that depends only on (seed, epoch), so a resumed run can skip batches.
@@ -55,8 +60,9 @@ class Vocabulary:
         self.stoi = {word: index for index, word in enumerate(self.itos)}
 
     @classmethod
-    def build(cls, tokens: Iterable[str], max_size: int) -> Vocabulary:
-        """The `max_size - 2` most frequent tokens (ties: first seen first) after the specials.
+    def build(cls, tokens: Iterable[str], max_size: int, min_count: int = 1) -> Vocabulary:
+        """The `max_size - 2` most frequent tokens (ties: first seen first) after the specials,
+        of those seen at least `min_count` times.
 
         The literal tokens `<pad>` and `<unk>` (`.tokens` files contain `<unk>`) are not
         counted as words; `<unk>` in the text therefore encodes to id 1.
@@ -66,7 +72,8 @@ class Vocabulary:
         counts = Counter(tokens)
         for special in (PAD, UNK):
             counts.pop(special, None)
-        return cls([PAD, UNK] + [word for word, _ in counts.most_common(max_size - 2)])
+        frequent = counts.most_common(max_size - 2)
+        return cls([PAD, UNK] + [word for word, count in frequent if count >= min_count])
 
     def __len__(self) -> int:
         return len(self.itos)
@@ -102,6 +109,9 @@ class Corpus:
     files: dict[str, str] = field(default_factory=dict)  # split -> path (empty for the hub)
     checksums: dict[str, str] = field(default_factory=dict)  # split -> sha256 of the raw text
     num_tokens: dict[str, int] = field(default_factory=dict)  # split -> token count
+    # (num_heldout_chunks, n_seq + 1) int64: the last heldout_fraction of the train file's
+    # lines, not in `train`; None without a held-out split (heldout_fraction 0).
+    heldout: torch.Tensor | None = None
 
 
 def _describe_dir(directory: Path) -> str:
@@ -170,6 +180,14 @@ def _load_hub() -> dict[str, list[str]]:
                         f"({type(error).__name__}: {error}). {_OFFLINE_HELP}") from error
 
 
+def split_heldout(lines: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(train, held-out): the first round(len(lines) * (1 - fraction)) lines, and the rest."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {fraction}")
+    cut = round(len(lines) * (1 - fraction))
+    return lines[:cut], lines[cut:]
+
+
 def chunk_ids(ids: torch.Tensor, n_seq: int) -> torch.Tensor:
     """Non-overlapping chunks of n_seq + 1 ids, shape (num_chunks, n_seq + 1); tail dropped."""
     size = n_seq + 1
@@ -200,37 +218,44 @@ def split_lines(data: DataConfig, split: str) -> list[str]:
 
 
 def load_corpus(data: DataConfig, n_seq: int, vocab: Vocabulary | None = None) -> Corpus:
-    """Read train and valid text, build (or use the given) vocabulary, and chunk both."""
+    """Read train and valid text, cut the held-out lines off train (heldout_fraction), build
+    (or use the given) vocabulary from the train lines left, and chunk every split."""
     paths = _local_files(data)
     if paths is not None:
-        tokens, files, checksums = {}, {}, {}
+        lines, files, checksums = {}, {}, {}
         for split, path in paths.items():
             text, checksums[split] = _read_text(path)
-            tokens[split] = tokenize(text.splitlines())
+            lines[split] = text.splitlines()
             files[split] = str(path)
         source = ", ".join(f"{split} {path}" for split, path in files.items())
         source = source if _names_files(data) else f"fixture ({source})"
     else:
-        rows = _load_hub()
-        tokens = {split: tokenize(lines) for split, lines in rows.items()}
-        checksums = {split: hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
-                     for split, lines in rows.items()}
+        lines = _load_hub()
+        checksums = {split: hashlib.sha256("".join(rows).encode("utf-8")).hexdigest()
+                     for split, rows in lines.items()}
         files, source = {}, f"hub {HUB_NAME}"
+    if data.heldout_fraction > 0:
+        lines["train"], lines["heldout"] = split_heldout(lines["train"], data.heldout_fraction)
+    tokens = {split: tokenize(rows) for split, rows in lines.items()}
     needed = n_seq + 1
     for split, words in tokens.items():
-        where = files.get(split, f"{source} {split}")
+        if split == "heldout":
+            where = f"the last {data.heldout_fraction:.0%} of the train split's lines"
+            empty = more = "raise heldout_fraction"
+        else:
+            where = files.get(split, f"{source} {split}")
+            empty = f"point {split}_file or data_dir at the text it should hold"
+            more = "give it more text"
         if not words:
-            raise DataError(f"the {split} split ({where}) holds no tokens; point "
-                            f"{split}_file or data_dir at the text it should hold")
+            raise DataError(f"the {split} split ({where}) holds no tokens; {empty}")
         if len(words) < needed:
             raise DataError(f"the {split} split ({where}) has {len(words)} tokens, fewer than "
-                            f"one sequence needs: n_seq + 1 = {needed}; give it more text "
-                            "or lower n_seq")
+                            f"one sequence needs: n_seq + 1 = {needed}; {more} or lower n_seq")
     if vocab is None:
-        vocab = Vocabulary.build(tokens["train"], data.vocab_size)
+        vocab = Vocabulary.build(tokens["train"], data.vocab_size, data.vocab_min_count)
     chunks = {split: chunk_ids(vocab.encode(words), n_seq) for split, words in tokens.items()}
     return Corpus(vocab=vocab, train=chunks["train"], valid=chunks["valid"], source=source,
-                  files=files, checksums=checksums,
+                  files=files, checksums=checksums, heldout=chunks.get("heldout"),
                   num_tokens={split: len(words) for split, words in tokens.items()})
 
 

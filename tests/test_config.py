@@ -56,6 +56,18 @@ def test_params_file_then_overrides(tmp_path):
     ({"physics_start_epoch": 11}, "physics would never run"),
     ({"n_seq": 1}, "n_seq must be >= 2"),
     ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"vocab_min_count": 0}, "vocab_min_count must be >= 1"),
+    ({"optimizer": "adam"}, "did you mean 'adamw'"),
+    ({"lr_schedule": "cosin"}, "did you mean 'cosine'"),
+    ({"optimizer": "sgd", "momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+    ({"momentum": 0.9}, "momentum is for sgd and symplectic"),
+    ({"optimizer": "sgd", "nesterov": True}, "nesterov: true needs optimizer: sgd and momentum"),
+    ({"optimizer": "symplectic", "momentum": 0.9, "nesterov": True}, "nesterov: true needs"),
+    ({"symplectic_delta": -1.0}, "symplectic_delta must be >= 0"),
+    ({"lr_plateau_patience": -1}, "lr_plateau_patience must be >= 0"),
+    ({"lr_schedule": "plateau"}, "plateau needs heldout_fraction > 0"),
+    ({"heldout_fraction": 1.0}, r"heldout_fraction must be in \[0, 1\)"),
+    ({"heldout_fraction": -0.1}, r"heldout_fraction must be in \[0, 1\)"),
     ({"lr": -1}, "lr must be > 0"),
     ({"device": "tpu"}, "device must be"),
     ({"lambda_energy_init": 20}, "lambda_energy_init must lie in"),
@@ -202,3 +214,17 @@ def test_control_and_differences():
     assert config.differences(control, allowed=CONTROL_MAY_DIFFER) == {}
     assert config.differences(control, allowed=RESUMABLE) == {"energy_penalty": (True, False)}
     assert [config.phase(e) for e in range(5)] == ["warmup"] * 4 + ["physics"]
+
+
+def test_epochs_is_no_longer_resumable_under_a_cosine_schedule():
+    """A cosine schedule runs to zero at the last epoch: more epochs change every step."""
+    constant = from_flat({"epochs": 5})
+    assert constant.differences(from_flat({"epochs": 8}), allowed=RESUMABLE) == {}
+    assert constant.run_name == from_flat({"epochs": 8}).run_name
+    cosine = from_flat({"epochs": 5, "lr_schedule": "cosine"})
+    longer = from_flat({"epochs": 8, "lr_schedule": "cosine"})
+    for tag in (RESUMABLE, WARMUP_INVARIANT):
+        assert cosine.differences(longer, allowed=tag) == {"epochs": (5, 8)}
+    assert cosine.run_name != longer.run_name
+    assert constant.differences(cosine, allowed=RESUMABLE) == {
+        "lr_schedule": ("constant", "cosine")}

@@ -22,6 +22,7 @@ from physlm.data import (
     eval_batches,
     load_corpus,
     num_batches,
+    split_heldout,
     tokenize,
     train_batches,
 )
@@ -66,6 +67,15 @@ def test_vocabulary_truncation_and_unknown_words():
 def test_literal_special_tokens_are_not_words():
     vocab = Vocabulary.build(["a", "<unk>", "<unk>", "<unk>", "b", "<pad>"], max_size=10)
     assert vocab.itos == ["<pad>", "<unk>", "a", "b"]
+
+
+def test_vocabulary_min_count_makes_rare_words_unk_in_train_too():
+    tokens = ["a", "b", "a", "c", "b", "a", "d"]
+    vocab = Vocabulary.build(tokens, max_size=100, min_count=2)
+    assert vocab.itos == ["<pad>", "<unk>", "a", "b"]
+    assert vocab.encode(tokens).tolist() == [2, 3, 2, 1, 3, 2, 1]
+    assert Vocabulary.build(tokens, max_size=3, min_count=2).itos == ["<pad>", "<unk>", "a"]
+    assert Vocabulary.build(tokens, max_size=100).itos == ["<pad>", "<unk>", "a", "b", "c", "d"]
 
 
 def test_vocabulary_save_load_round_trip(tmp_path: Path):
@@ -163,6 +173,43 @@ def test_explicit_files_resolve_against_data_dir_and_cwd(corpus_dir: Path, monke
     monkeypatch.chdir(corpus_dir)
     corpus = load_corpus(_config(train_file="wiki.train.raw", valid_file="wiki.test.raw"), 16)
     assert corpus.files["valid"] == str(corpus_dir / "wiki.test.raw")
+
+
+def test_vocab_min_count_in_load_corpus(corpus_dir: Path):
+    everything = load_corpus(_config(data_dir=str(corpus_dir)), n_seq=16)
+    assert (everything.train == 1).sum() == 0      # every train word has an id
+    corpus = load_corpus(_config(data_dir=str(corpus_dir), vocab_min_count=3), n_seq=16)
+    counts = Counter((corpus_dir / "wiki.train.raw").read_text().split())
+    assert corpus.vocab.itos[2:] == [w for w in everything.vocab.itos[2:] if counts[w] >= 3]
+    rare = torch.tensor([i for i, word in enumerate(everything.vocab.itos) if counts[word] < 3])
+    assert (corpus.train == 1).sum() == torch.isin(everything.train, rare).sum() > 0
+
+
+def test_split_heldout_cuts_the_last_lines():
+    lines = [f"line {i}" for i in range(10)]
+    assert split_heldout(lines, 0.1) == (lines[:9], lines[9:])
+    assert split_heldout(lines, 0.25) == (lines[:8], lines[8:])   # round(7.5) = 8
+    assert split_heldout(lines, 0.0) == (lines, [])
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        split_heldout(lines, 1.0)
+
+
+def test_heldout_split_is_the_last_train_lines_and_out_of_the_vocabulary(tmp_path: Path):
+    # 20 lines of "common" words; the last two lines hold the only "late" and "later".
+    lines = [" the cat sat on the mat . \n"] * 18 + [" the late cat . \n", " later the mat \n"]
+    (tmp_path / "wiki.train.raw").write_text("".join(lines), encoding="utf-8")
+    (tmp_path / "wiki.valid.raw").write_text(" the cat sat . \n" * 20, encoding="utf-8")
+    plain = load_corpus(_config(data_dir=str(tmp_path)), n_seq=4)
+    assert plain.heldout is None and "late" in plain.vocab.stoi
+    corpus = load_corpus(_config(data_dir=str(tmp_path), heldout_fraction=0.1), n_seq=4)
+    assert corpus.num_tokens == {"train": 18 * 7, "valid": 80, "heldout": 7}
+    assert "late" not in corpus.vocab.stoi and "later" not in corpus.vocab.stoi
+    assert corpus.heldout.shape == (1, 5)
+    assert corpus.vocab.decode(corpus.heldout[0]) == ["the", "<unk>", "cat", ".", "<unk>"]
+    assert corpus.train.numel() == 18 * 7 // 5 * 5 and (corpus.train == 1).sum() == 0
+    assert corpus.checksums == plain.checksums    # the file's identity, not the cut's
+    with pytest.raises(DataError, match="heldout split .*last 10% .* raise heldout_fraction"):
+        load_corpus(_config(data_dir=str(tmp_path), heldout_fraction=0.1), n_seq=8)
 
 
 def test_given_vocabulary_is_used(corpus_dir: Path):
