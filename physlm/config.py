@@ -165,9 +165,6 @@ class Config:
             flat.update(dataclasses.asdict(getattr(self, section)))
         return flat
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_flat(), sort_keys=False))
-
     def validate(self) -> Config:
         """Check ranges and cross-field constraints; return self."""
         m, d, t, p, c = self.model, self.data, self.train, self.physics, self.criteria
@@ -278,11 +275,6 @@ class Config:
         mine, theirs = self.to_flat(), other.to_flat()
         return {key: (mine[key], theirs[key]) for key in KEYS
                 if allowed not in TAGS[key] and mine[key] != theirs[key]}
-
-    @classmethod
-    def load(cls, path: str | Path) -> Config:
-        """A saved config.yaml (flat keys, old names accepted)."""
-        return from_flat(read_params_file(path))
 
 
 _SECTIONS = ("model", "data", "train", "physics", "criteria")
