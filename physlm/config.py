@@ -195,9 +195,6 @@ class Config:
             flat.update(dataclasses.asdict(getattr(self, section)))
         return flat
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_flat(), sort_keys=False))
-
     def validate(self) -> Config:
         """Check ranges and cross-field constraints; return self."""
         m, d, t, p, c = self.model, self.data, self.train, self.physics, self.criteria
@@ -348,11 +345,6 @@ class Config:
         mine, theirs = self.to_flat(), other.to_flat()
         return {key: (mine[key], theirs[key]) for key in KEYS if mine[key] != theirs[key]
                 and not (self.is_tagged(key, allowed) and other.is_tagged(key, allowed))}
-
-    @classmethod
-    def load(cls, path: str | Path) -> Config:
-        """A saved config.yaml (flat keys, old names accepted)."""
-        return from_flat(read_params_file(path))
 
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,

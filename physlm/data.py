@@ -31,6 +31,7 @@ import torch
 
 from physlm.config import DataConfig
 from physlm.errors import DataError
+from physlm.files import atomic_write_text
 from physlm.fixture import fixture_dir
 
 PAD, UNK = "<pad>", "<unk>"
@@ -87,8 +88,7 @@ class Vocabulary:
         return [self.itos[int(index)] for index in ids]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"itos": self.itos}, ensure_ascii=False),
-                              encoding="utf-8")
+        atomic_write_text(Path(path), json.dumps({"itos": self.itos}, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
@@ -122,6 +122,9 @@ def _describe_dir(directory: Path) -> str:
 def _resolve_files(data: DataConfig) -> dict[str, Path]:
     """Split -> local file, from train_file / valid_file and data_dir."""
     base = Path(data.data_dir).expanduser().resolve() if data.data_dir else None
+    if base is not None and base.exists() and not base.is_dir():
+        raise DataError(f"data_dir: {base} is a file, not a folder; give the folder that "
+                        "holds the text files (or set train_file and valid_file)")
     if base is not None and not base.is_dir():
         raise DataError(f"data_dir: folder not found: {base}")
     explicit = {"train": data.train_file, "valid": data.valid_file}
@@ -131,6 +134,9 @@ def _resolve_files(data: DataConfig) -> dict[str, Path]:
         if explicit[split]:
             path = Path(explicit[split]).expanduser()
             path = (base / path if base else path).resolve()
+            if path.is_dir():
+                raise DataError(f"{key}: {path} is a directory, not a file; give the text "
+                                "file itself (or set data_dir to the folder)")
             if not path.is_file():
                 where = f"data_dir {base}" if base else "the current directory"
                 raise DataError(f"{key}: file not found: {path} "
@@ -254,6 +260,11 @@ def load_corpus(data: DataConfig, n_seq: int, vocab: Vocabulary | None = None) -
     if vocab is None:
         vocab = Vocabulary.build(tokens["train"], data.vocab_size, data.vocab_min_count)
     chunks = {split: chunk_ids(vocab.encode(words), n_seq) for split, words in tokens.items()}
+    if data.batch_size > len(chunks["train"]):  # one smaller batch per epoch: not the config
+        raise DataError(f"batch_size {data.batch_size} is more than the train split's "
+                        f"{len(chunks['train'])} sequences of n_seq + 1 = {needed} tokens "
+                        f"({files.get('train', source)}); lower batch_size to at most "
+                        f"{len(chunks['train'])}, or give it more text")
     return Corpus(vocab=vocab, train=chunks["train"], valid=chunks["valid"], source=source,
                   files=files, checksums=checksums, heldout=chunks.get("heldout"),
                   num_tokens={split: len(words) for split, words in tokens.items()})

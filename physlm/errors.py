@@ -29,6 +29,13 @@ class NotWritableError(PermissionError):
     for the callers that catch that)."""
 
 
+class DamagedFileError(ConfigError):
+    """A file of a run directory cannot be read as what it should hold: empty, cut short,
+    not UTF-8, not JSON or YAML, or a record without the fields every record has. The
+    message names the file (and line) and what to do. (A ConfigError, so that the command
+    line and the notebooks show it as one line, as they show the run's settings.)"""
+
+
 class RunBusyError(RuntimeError):
     """Another process holds the run directory."""
 

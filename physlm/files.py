@@ -2,18 +2,32 @@
 
 An atomic write goes through a temporary file, fsync and rename, so a crash
 leaves the old or the new file. JSON-lines files are appended record by record;
-a torn last line (a crash mid-write) is repaired before the next append and
-ignored on reading. Atomic writes honour the umask like ordinary files (`_umask`).
-`why_not_writable` says, before anything is created, why a folder cannot be written.
+a torn last line (a crash mid-write: no newline at its end) is repaired before the
+next append and left out on reading, with a warning where the reader asks for one;
+any other line that is not a JSON object is damage, reported by file and line
+(`DamagedFileError`), never skipped. A settings file (a run's config.yaml) is headed by
+its count of settings, so that one cut short is told from a whole one (`read_settings`).
+Atomic writes honour the umask like ordinary files (`_umask`). `why_not_writable` says,
+before anything is created, why a folder cannot be written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from physlm.errors import DamagedFileError
+
+
+class TornRecordWarning(UserWarning):
+    """The last line of a JSON-lines file was cut short by a crash and is left out."""
 
 
 def why_not_writable(folder: str | Path) -> str | None:
@@ -132,20 +146,102 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in records))
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All complete records of a JSON-lines file; a torn or garbled last line is skipped."""
+_REPAIR = "restore the file from a copy of the run, or delete that line"
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = (),
+               warn_torn: bool = False) -> list[dict[str, Any]]:
+    """All records of a JSON-lines file (none when it does not exist).
+
+    A last line without its newline that is not JSON was torn by a crash mid-write: it is
+    left out, with a TornRecordWarning if `warn_torn` (a file being appended to right now
+    may show one too: its reader passes False). Any other line that is not a JSON object,
+    or lacks a key of `required`, raises DamagedFileError naming the file and line.
+    """
     path = Path(path)
     if not path.exists():
         return []
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")  # the last item is "" after a final newline, else a torn line
     records = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break  # torn by a crash mid-write
-            raise ValueError(f"{path}:{number} is not valid JSON") from None
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # no newline after it: cut short by a crash
+                if warn_torn:
+                    warnings.warn(f"{path}:{number}: the last record was cut short by a crash "
+                                  "mid-write and is left out", TornRecordWarning, stacklevel=2)
+                break
+            raise DamagedFileError(f"{path}:{number} is damaged: not valid JSON "
+                                   f"({error.msg}, column {error.colno}); {_REPAIR}") from None
+        if not isinstance(record, dict):
+            raise DamagedFileError(f"{path}:{number} is damaged: a record is a JSON object, "
+                                   f"not a {type(record).__name__}; {_REPAIR}")
+        missing = [key for key in required if key not in record]
+        if missing:
+            raise DamagedFileError(f"{path}:{number} is damaged: the record lacks "
+                                   f"{', '.join(missing)}; {_REPAIR}")
+        records.append(record)
     return records
+
+
+def read_json(path: str | Path, default: Any = None) -> Any:
+    """A JSON object file (`default` when it does not exist); one that is not a JSON
+    object raises DamagedFileError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return default
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        problem = f"not UTF-8 (undecodable byte at offset {error.start})"
+    except json.JSONDecodeError as error:
+        problem = "empty" if not error.doc.strip() else (
+            f"not JSON ({error.msg}, line {error.lineno} column {error.colno})")
+    else:
+        if isinstance(value, dict):
+            return value
+        problem = f"a JSON {type(value).__name__}, not an object"
+    raise DamagedFileError(f"{path} is damaged: {problem}; restore it from a copy of the run")
+
+
+# The first line of a settings file: one cut short holds fewer settings than it counts.
+SETTINGS_HEADER = "# physlm: {} settings\n"
+
+
+def write_settings(path: Path, values: dict[str, Any]) -> None:
+    """A flat YAML mapping, written atomically, headed by its count (SETTINGS_HEADER)."""
+    atomic_write_text(path, SETTINGS_HEADER.format(len(values))
+                      + yaml.safe_dump(values, sort_keys=False))
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """The mapping `write_settings` wrote. DamagedFileError naming the file when it is
+    empty, not UTF-8, not a YAML mapping, or cut short: fewer settings than its header
+    counts, or a last line without its end (a file without the header, from before it,
+    is checked for all but the cut)."""
+    problem = None
+    try:
+        text = path.read_bytes().decode("utf-8")
+        values = yaml.safe_load(text)
+    except UnicodeDecodeError as error:
+        problem = f"not UTF-8 text (undecodable byte at offset {error.start})"
+    except yaml.YAMLError as error:
+        problem = f"not valid YAML ({getattr(error, 'problem', None) or error})"
+    else:
+        header = re.match(SETTINGS_HEADER.replace("{}", r"(\d+)"), text)
+        if not values:
+            problem = "it is empty"
+        elif not isinstance(values, dict):
+            problem = f"a YAML {type(values).__name__}, not a mapping of settings"
+        elif header and len(values) < int(header[1]):
+            problem = f"cut short: it holds {len(values)} of its {header[1]} settings"
+        elif header and not text.endswith("\n"):
+            problem = "cut short: its last line is incomplete"
+    if problem:
+        raise DamagedFileError(f"{path} is damaged: {problem}; restore it from a copy of the "
+                               "run, or train the run again in another run_dir")
+    return values

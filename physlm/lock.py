@@ -1,17 +1,19 @@
 """One writer per run directory: an OS-level lock that a dying process cannot leave behind.
 
 `run_lock(root)` holds `<root>/.lock` (flock, through the filelock package) and records
-the holder's PID and command in `<root>/.lock.holder`, so that a second writer fails at
-once with `RunBusyError` naming the holder. The operating system releases the lock when
-its process dies, even by SIGKILL: a stale `.lock.holder` is overwritten by the next one.
+the holder's PID and what it is in `<root>/.lock.holder` (its command line; for a notebook
+kernel, whose command line names only its connection file, the pipeline and its run), so
+that a second writer fails at once with `RunBusyError` naming the holder. The operating
+system releases the lock when its process dies, even by SIGKILL: a stale `.lock.holder`
+is overwritten by the next one.
 
 Who holds it: the command-line trainer (`python -m physlm train`) and the notebook
 pipeline (across all its stages, for the run and its control), never the trainer itself:
 the pipeline's stage kernels are other processes that train while the pipeline holds the
 lock. Readers (`physlm report`) do not take it. Within one process the lock is
 re-entrant: taking it again for the same directory only counts, and the last exit
-releases it. A directory that the lock created and that is still empty at release (the
-run failed before writing anything) is removed again.
+releases it. What the lock created is removed at release: its `.lock` file, and its
+directory when that is still empty (the run failed before writing anything).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from physlm.errors import RunBusyError
 from physlm.files import atomic_write_text
 
 LOCK_NAME, HOLDER_NAME = ".lock", ".lock.holder"
-_held: dict[Path, list] = {}  # resolved root -> [FileLock, depth, folders it created]
+# resolved root -> [FileLock, depth, folders it created, whether it created .lock]
+_held: dict[Path, list] = {}
 _guard = threading.Lock()
 
 
@@ -39,6 +42,19 @@ def this_command() -> str:
     """The command line of this process, as typed ("python -m physlm train ..."), shortened."""
     text = shlex.join(["python", *getattr(sys, "orig_argv", sys.argv)[1:]])
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def this_process(root: Path) -> str:
+    """What this process is, for whoever finds `root` taken: its command line, or in a
+    notebook kernel (started as `python -m ipykernel_launcher -f <connection file>`) the
+    pipeline and its run: the first directory this process locked (a control's run)."""
+    argv = getattr(sys, "orig_argv", sys.argv)
+    if not any("ipykernel" in word for word in argv[1:3]):
+        return this_command()
+    run = next(iter(_held), root)
+    notebook = os.environ.get("JPY_SESSION_NAME")  # set by Jupyter servers for their kernels
+    where = f"notebook {notebook}" if notebook else "a notebook kernel"
+    return f"the physlm pipeline of run {run}, in {where}"
 
 
 def _alive(pid: int) -> bool:
@@ -70,6 +86,7 @@ def holder(root: str | Path, patience: float = 1.0) -> str:
 def _acquire(key: Path, shown: Path, description: str | None) -> list:
     created = [folder for folder in (key, *key.parents) if not folder.exists()][::-1]
     key.mkdir(parents=True, exist_ok=True)
+    new_file = not (key / LOCK_NAME).exists()
     lock = filelock.FileLock(key / LOCK_NAME, timeout=0, thread_local=False)
     try:
         lock.acquire()
@@ -77,18 +94,23 @@ def _acquire(key: Path, shown: Path, description: str | None) -> list:
         raise RunBusyError(f"{shown} is in use by {holder(key)}; wait for it to finish, or "
                            "stop it, then run again") from None
     try:
-        atomic_write_text(key / HOLDER_NAME, f"{os.getpid()} {description or this_command()}\n")
+        text = description or this_process(key)
+        atomic_write_text(key / HOLDER_NAME, f"{os.getpid()} {text}\n")
     except BaseException:
         lock.release()
         raise
-    return [lock, 1, created]
+    return [lock, 1, created, new_file]
 
 
-def _release(key: Path, lock: filelock.FileLock, created: list[Path]) -> None:
+def _release(key: Path, lock: filelock.FileLock, created: list[Path], new_file: bool) -> None:
+    """Unlock, removing what the lock created. The .lock file goes while still held: a
+    process that opened it meanwhile finds it taken and fails (nobody waits on it), one
+    that opens the path later makes a new one."""
     try:
         (key / HOLDER_NAME).unlink(missing_ok=True)
-        if created and os.listdir(key) == [LOCK_NAME]:  # nothing was written: leave nothing
-            (key / LOCK_NAME).unlink()  # while held: a waiter on this inode sees it unlinked
+        if new_file:
+            (key / LOCK_NAME).unlink()
+        if created and not os.listdir(key):  # nothing was written: leave nothing
             for folder in reversed(created):
                 folder.rmdir()
     except OSError:
@@ -117,4 +139,5 @@ def run_lock(root: str | Path, description: str | None = None) -> Iterator[None]
             entry[1] -= 1
             if entry[1] == 0:
                 del _held[key]
-                _release(key, entry[0], entry[2])
+                lock, _, created, new_file = entry
+                _release(key, lock, created, new_file)

@@ -19,7 +19,10 @@ without the checkpoints, vocabulary or notebooks (~0.4 MB, small enough to commi
 The trainer writes through `RunDirectory`; the report, plots, pipeline and
 notebooks read a finished (or unfinished) run as one typed `RunData`: the
 configuration as a `Config`, env.json as a dict, the metrics as DataFrames.
-Metrics files are append-only JSON lines (physlm.files). Nothing is created before the
+Metrics files are append-only JSON lines (physlm.files); every other file is replaced
+atomically. A file that cannot be read as what it should hold (empty, cut short, a line that
+is not a record) raises DamagedFileError naming it, never the defaults in its place; a last
+metrics line torn by a crash is left out with a warning. Nothing is created before the
 first file is written (`create`). One process writes at a time: `RunDirectory.lock()`
 (physlm.lock) is held by the command-line trainer and the pipeline; readers need not.
 """
@@ -37,17 +40,27 @@ from typing import Any
 import pandas as pd
 
 from physlm.checkpoint import load_checkpoint, save_checkpoint
-from physlm.config import RESUMABLE, RUNS_ROOT, WARMUP_INVARIANT, Config
+from physlm.config import RESUMABLE, RUNS_ROOT, WARMUP_INVARIANT, Config, from_flat
 from physlm.errors import CheckpointError, NotWritableError, RunConflictError
 from physlm.files import (
     append_jsonl,
     atomic_write_bytes,
     atomic_write_text,
+    read_json,
     read_jsonl,
+    read_settings,
     why_not_writable,
     write_jsonl,
+    write_settings,
 )
 from physlm.lock import run_lock
+from physlm.values import ConfigError
+
+# The fields every record has (the trainer's since the first published runs): a record
+# without one is damaged, not a record to report with holes.
+STEP_KEYS = ("step", "epoch", "loss", "physics", "skipped")
+EPOCH_KEYS = ("epoch", "phase", "train_loss", "val_loss", "val_ppl", "val_ppl_batch_mean",
+              "time_s")
 
 
 @dataclass(frozen=True)
@@ -123,16 +136,23 @@ class RunDirectory:
 
     # ------------------------------------------------------------ configuration and env
     def write_config(self, config: Config) -> None:
-        config.save(self.config)
+        """config.yaml, replaced atomically (it is rewritten on every resume)."""
+        write_settings(self.config, config.to_flat())
 
     def read_config(self) -> Config:
-        return Config.load(self.config)
+        """The run's settings (old names accepted); DamagedFileError when config.yaml is
+        empty, unreadable or cut short (physlm.files.read_settings), never the defaults."""
+        values = read_settings(self.config)
+        try:
+            return from_flat(values)
+        except ConfigError as error:
+            raise ConfigError(f"{self.config}: {error}") from error
 
     def write_env(self, env: dict[str, Any]) -> None:
         atomic_write_text(self.env, json.dumps(env, indent=2))
 
     def read_env(self) -> dict[str, Any]:
-        return json.loads(self.env.read_text()) if self.env.is_file() else {}
+        return read_json(self.env, default={})
 
     def settings_changed(self, config: Config) -> dict[str, tuple[Any, Any]]:
         """Non-resumable settings of `config` that differ from the saved ones:
@@ -217,8 +237,9 @@ class RunDirectory:
         epoch = state["epoch"]
         for name in ("vocab", "initial"):
             atomic_write_bytes(getattr(self, name), getattr(source, name).read_bytes())
-        write_jsonl(self.steps, [r for r in read_jsonl(source.steps) if r["epoch"] < epoch])
-        write_jsonl(self.epochs, [r for r in read_jsonl(source.epochs) if r["epoch"] < epoch])
+        for name in ("steps", "epochs"):
+            records = read_jsonl(getattr(source, name), ("epoch",))
+            write_jsonl(getattr(self, name), [r for r in records if r["epoch"] < epoch])
         self.write_env({**source.read_env(), "forked_from": {
             "run": os.path.relpath(source.root.resolve(), self.root.resolve()), "epoch": epoch}})
         self.write_config(config)
@@ -242,11 +263,13 @@ class RunDirectory:
     def keep_metrics_until(self, step: int, epoch: int) -> None:
         """Drop the records of work after a checkpoint (step `step`, epoch `epoch` in
         progress): a resume redoes that work."""
-        write_jsonl(self.steps, [r for r in read_jsonl(self.steps) if r["step"] <= step])
-        write_jsonl(self.epochs, [r for r in read_jsonl(self.epochs) if r["epoch"] < epoch])
+        steps = read_jsonl(self.steps, STEP_KEYS, warn_torn=True)
+        epochs = read_jsonl(self.epochs, EPOCH_KEYS, warn_torn=True)
+        write_jsonl(self.steps, [r for r in steps if r["step"] <= step])
+        write_jsonl(self.epochs, [r for r in epochs if r["epoch"] < epoch])
 
     def epoch_records(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.epochs)
+        return read_jsonl(self.epochs, EPOCH_KEYS)
 
     # ------------------------------------------------------------ samples
     def write_samples(self, samples: list[dict[str, Any]]) -> None:
@@ -263,11 +286,11 @@ class RunDirectory:
         """The saved run as one typed record."""
         if not self.config.is_file():
             raise FileNotFoundError(f"{self.root} is not a run directory: it has no config.yaml")
-        initial = json.loads(self.initial.read_text()) if self.initial.is_file() else {}
         return RunData(
-            run=self, config=self.read_config(), env=self.read_env(), initial=initial,
-            steps=_frame(read_jsonl(self.steps), ("step", "epoch", "physics", "skipped")),
-            epochs=_frame(read_jsonl(self.epochs), ("epoch", "phase", "val_loss")))
+            run=self, config=self.read_config(), env=self.read_env(),
+            initial=read_json(self.initial, default={}),
+            steps=_frame(read_jsonl(self.steps, STEP_KEYS, warn_torn=True), STEP_KEYS),
+            epochs=_frame(read_jsonl(self.epochs, EPOCH_KEYS, warn_torn=True), EPOCH_KEYS))
 
 
 def _frame(records: list[dict[str, Any]], keys: tuple[str, ...]) -> pd.DataFrame:

@@ -121,10 +121,15 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 def read_params_file(path: str | Path) -> dict[str, Any]:
     """Read a flat YAML parameter file (the format papermill's `-f` takes)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"parameter file {path} is a directory; give a YAML file")
     if not path.is_file():
         raise ConfigError(f"parameter file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (undecodable byte at offset "
+                          f"{error.start}); re-encode it to UTF-8") from error
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(values, dict):

@@ -14,6 +14,7 @@ import yaml
 from physlm.__main__ import main
 from physlm.config import from_flat
 from physlm.errors import known_error, one_line
+from physlm.runs import RunDirectory
 
 from .conftest import REPO_ROOT, TINY, one_error_line
 
@@ -39,10 +40,9 @@ def _a_file(tmp_path: Path) -> Path:
 
 def _saved_run(tmp_path: Path) -> Path:
     """A run directory as the report sees one: it has a config.yaml."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    from_flat(TINY).save(run_dir / "config.yaml")
-    return run_dir
+    run = RunDirectory(tmp_path / "run")
+    run.write_config(from_flat(TINY))
+    return run.root
 
 
 # --- physlm report ---------------------------------------------------------------------------

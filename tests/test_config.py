@@ -14,6 +14,7 @@ from physlm.config import (
     keys_tagged,
     load_config,
 )
+from physlm.runs import RunDirectory
 from physlm.values import parse_assignment
 
 
@@ -32,9 +33,9 @@ def test_defaults_are_the_reference_configuration():
 def test_flat_keys_are_unique_and_round_trip(tmp_path):
     assert len(KEYS) == len(set(KEYS))
     config = from_flat({"epochs": 3, "physics_start_epoch": 1, "d_model": 16, "lr": 0.002})
-    config.save(tmp_path / "config.yaml")
+    RunDirectory(tmp_path).write_config(config)  # a run's config.yaml is a parameter file
     again = load_config(tmp_path / "config.yaml")
-    assert again == config
+    assert again == config == RunDirectory(tmp_path).read_config()
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["d_model"] == 16
 
 
@@ -173,13 +174,13 @@ lambda_max: 10.0
 
 
 def test_a_config_yaml_written_before_the_rename_loads(tmp_path):
-    path = tmp_path / "config.yaml"
-    path.write_text(OLD_CONFIG_YAML)
-    config = Config.load(path)
+    run = RunDirectory(tmp_path)
+    run.config.write_text(OLD_CONFIG_YAML)
+    config = run.read_config()
     assert config.physics.energy_penalty is False and config.train.epochs == 6
     assert config.data.data_dir == "../shared/data/wikitext-2-raw"
-    config.save(path)  # saved again under the new name, it loads to the same config
-    assert "energy_penalty: false" in path.read_text() and Config.load(path) == config
+    run.write_config(config)  # saved again under the new name, it loads to the same config
+    assert "energy_penalty: false" in run.config.read_text() and run.read_config() == config
 
 
 def test_an_old_name_and_its_new_name_together_are_refused():

@@ -199,9 +199,10 @@ def test_heldout_split_is_the_last_train_lines_and_out_of_the_vocabulary(tmp_pat
     lines = [" the cat sat on the mat . \n"] * 18 + [" the late cat . \n", " later the mat \n"]
     (tmp_path / "wiki.train.raw").write_text("".join(lines), encoding="utf-8")
     (tmp_path / "wiki.valid.raw").write_text(" the cat sat . \n" * 20, encoding="utf-8")
-    plain = load_corpus(_config(data_dir=str(tmp_path)), n_seq=4)
+    plain = load_corpus(_config(data_dir=str(tmp_path), batch_size=4), n_seq=4)
     assert plain.heldout is None and "late" in plain.vocab.stoi
-    corpus = load_corpus(_config(data_dir=str(tmp_path), heldout_fraction=0.1), n_seq=4)
+    corpus = load_corpus(_config(data_dir=str(tmp_path), batch_size=4, heldout_fraction=0.1),
+                         n_seq=4)
     assert corpus.num_tokens == {"train": 18 * 7, "valid": 80, "heldout": 7}
     assert "late" not in corpus.vocab.stoi and "later" not in corpus.vocab.stoi
     assert corpus.heldout.shape == (1, 5)
@@ -209,7 +210,7 @@ def test_heldout_split_is_the_last_train_lines_and_out_of_the_vocabulary(tmp_pat
     assert corpus.train.numel() == 18 * 7 // 5 * 5 and (corpus.train == 1).sum() == 0
     assert corpus.checksums == plain.checksums    # the file's identity, not the cut's
     with pytest.raises(DataError, match="heldout split .*last 10% .* raise heldout_fraction"):
-        load_corpus(_config(data_dir=str(tmp_path), heldout_fraction=0.1), n_seq=8)
+        load_corpus(_config(data_dir=str(tmp_path), batch_size=4, heldout_fraction=0.1), n_seq=8)
 
 
 def test_given_vocabulary_is_used(corpus_dir: Path):
@@ -307,7 +308,7 @@ def test_hub_rows(monkeypatch):
         return {split: {"text": lines} for split, lines in rows.items()}
 
     monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(load_dataset))
-    corpus = load_corpus(_config(), n_seq=4)
+    corpus = load_corpus(_config(batch_size=4), n_seq=4)  # 9 train sequences
     assert calls == [("wikitext", "wikitext-2-raw-v1")]
     assert corpus.source == "hub wikitext-2-raw-v1" and corpus.files == {}
     assert corpus.num_tokens == {"train": 48, "valid": 16}
@@ -317,6 +318,17 @@ def test_hub_rows(monkeypatch):
 
 
 # --- fixture corpus --------------------------------------------------------------------------
+
+def test_a_batch_larger_than_the_train_split_is_refused(tmp_path: Path):
+    """One batch would be the whole split, fewer sequences than the run says it trains on."""
+    (tmp_path / "wiki.train.raw").write_text(" a b c d e f g h \n" * 10)  # 20 x (3 + 1)
+    (tmp_path / "wiki.valid.raw").write_text(" a b c d \n" * 4)
+    data = tmp_path
+    with pytest.raises(DataError, match=r"batch_size 21 is more than the train split's 20 "
+                                        r"sequences .*lower batch_size to at most 20"):
+        load_corpus(_config(data_dir=str(data), batch_size=21), n_seq=3)
+    assert len(load_corpus(_config(data_dir=str(data), batch_size=20), n_seq=3).train) == 20
+
 
 def test_fixture_is_deterministic(tmp_path: Path):
     sizes = {"train_tokens": 2000, "valid_tokens": 300, "test_tokens": 300}

@@ -249,7 +249,7 @@ def test_command_prints_the_continuation(runs, capsys):
 def _run_without_checkpoint(tmp_path: Path, **overrides) -> Path:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    from_flat({**QUICK, **overrides}).save(run_dir / "config.yaml")
+    RunDirectory(run_dir).write_config(from_flat({**QUICK, **overrides}))
     return run_dir
 
 

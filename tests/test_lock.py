@@ -85,6 +85,20 @@ def test_a_held_run_directory_fails_at_once_with_its_holder(tmp_path):
     assert (run.root / "config.yaml").exists()
 
 
+def test_release_removes_the_lock_file_it_made_and_keeps_one_it_found(tmp_path):
+    """A failed resume leaves the run directory as it was: no .lock added to it."""
+    run = RunDirectory(tmp_path / "run")
+    run.root.mkdir()
+    (run.root / "config.yaml").write_text("")
+    with run.lock():
+        assert sorted(os.listdir(run.root)) == [LOCK_NAME, HOLDER_NAME, "config.yaml"]
+    assert os.listdir(run.root) == ["config.yaml"]
+    (run.root / LOCK_NAME).touch()  # an older physlm's, or another tool's
+    with run.lock():
+        pass
+    assert sorted(os.listdir(run.root)) == [LOCK_NAME, "config.yaml"]
+
+
 def test_a_dead_holders_record_is_not_shown(tmp_path):
     """The holder file of a killed holder stays behind; the next holder overwrites it, and
     until then a busy directory names no dead process."""

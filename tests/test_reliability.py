@@ -26,7 +26,7 @@ import yaml
 from physlm.__main__ import main
 from physlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from physlm.config import from_flat
-from physlm.files import append_jsonl, read_jsonl
+from physlm.files import TornRecordWarning, append_jsonl, read_jsonl
 from physlm.fixture import fixture_dir
 from physlm.runs import RunDirectory
 from physlm.trainer import Trainer, train
@@ -378,7 +378,7 @@ def _no_hub(tmp_path, monkeypatch):
 
 def _incompatible_run(tmp_path, monkeypatch):
     run = RunDirectory(tmp_path / "run").create()
-    from_flat({**TINY, "d_model": 32}).save(run.config)
+    run.write_config(from_flat({**TINY, "d_model": 32}))
     return []
 
 
@@ -461,8 +461,14 @@ def test_torn_last_line_is_skipped_and_garbage_elsewhere_is_reported(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
     assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
     path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
-    with pytest.raises(ValueError, match=r"steps.jsonl:2 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"steps.jsonl:2 is damaged: not valid JSON"):
         read_jsonl(path)
+    path.write_text('{"step": 1}\n[2]\n{"step": 3}\n')   # complete, but not a record
+    with pytest.raises(ValueError, match=r"steps.jsonl:2 is damaged: a record is a JSON object"):
+        read_jsonl(path)
+    path.write_text('{"step": 1}\n{"loss": 2}\n')
+    with pytest.raises(ValueError, match=r"steps.jsonl:2 is damaged: the record lacks step"):
+        read_jsonl(path, required=("step",))
 
 
 @pytest.mark.parametrize(("torn", "kept"), [
@@ -493,7 +499,10 @@ def test_resume_after_torn_metric_lines_is_exact(tmp_path, tiny_config, monkeypa
         handle.write('{"loss": 5.1, "lm_loss": 5.1, "step": 6, "epo')
     with open(run.epochs, "a") as handle:
         handle.write('{"epoch": 1, "phase": "phy')
-    resumed = Trainer(config, run.root)
+    with pytest.warns(TornRecordWarning) as torn:  # said, once per file
+        resumed = Trainer(config, run.root)
+    assert sorted(Path(str(w.message).split(":")[0]).name for w in torn) == [
+        "epochs.jsonl", "steps.jsonl"]
     assert (resumed.epoch, resumed.global_step) == (1, 4)
     resumed.fit()
     straight = RunDirectory(tmp_path / "straight")
