@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 # tests/test_layers.py holds the code to this table.
 LAYERS = (
     ("foundation", ("errors", "values", "files", "text")),          # no torch
-    ("settings", ("config",)),
+    ("settings", ("sections", "config")),
     ("numerics", ("distributed", "triton_complex", "bk_triton", "scan_triton", "bk_core",
                   "bk_features", "losses", "moe", "koopman", "metrics", "gradients", "fixture",
                   "optim")),

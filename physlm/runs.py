@@ -40,7 +40,7 @@ from typing import Any
 import pandas as pd
 
 from physlm.checkpoint import load_checkpoint, save_checkpoint
-from physlm.config import RESUMABLE, RUNS_ROOT, WARMUP_INVARIANT, Config, from_flat
+from physlm.config import RUNS_ROOT, Config, from_flat
 from physlm.errors import CheckpointError, NotWritableError, RunConflictError
 from physlm.files import (
     append_jsonl,
@@ -54,6 +54,7 @@ from physlm.files import (
     write_settings,
 )
 from physlm.lock import run_lock
+from physlm.sections import RESUMABLE, WARMUP_INVARIANT
 from physlm.values import ConfigError
 
 # The fields every record has (the trainer's since the first published runs): a record
