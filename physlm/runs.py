@@ -254,8 +254,8 @@ class RunDirectory:
             atomic_write_bytes(self.best_checkpoint, source.warmup_best_checkpoint.read_bytes())
         self.keep_warmup_checkpoint()
         epoch = state["epoch"]
-        for name in ("vocab", "initial", "references"):
-            if getattr(source, name).is_file():
+        for name in ("vocab", "initial", "references"):   # references: none in older runs
+            if name != "references" or source.references.is_file():
                 atomic_write_bytes(getattr(self, name), getattr(source, name).read_bytes())
         for name in ("steps", "epochs"):
             records = read_jsonl(getattr(source, name), ("epoch",))
