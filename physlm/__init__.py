@@ -10,13 +10,13 @@ __version__ = "0.1.0"
 # tests/test_layers.py holds the code to this table.
 LAYERS = (
     ("foundation", ("errors", "values", "files", "text")),          # no torch
-    ("settings", ("config",)),
+    ("settings", ("sections", "config")),
     ("numerics", ("distributed", "triton_complex", "bk_triton", "scan_triton", "bk_core",
                   "bk_features", "losses", "moe", "koopman", "metrics", "gradients", "fixture",
                   "optim")),
     ("models", ("model", "transformer", "lstm", "physics", "build", "objectives")),
-    ("runs", ("data", "ngram", "checkpoint", "lock", "provenance", "runs", "evaluation", "trainer",
-              "pool", "generate")),
+    ("runs", ("data", "ngram", "checkpoint", "lock", "provenance", "rundata", "runs", "evaluation",
+              "trainer", "pool", "generate")),
     ("analysis", ("criteria", "plots", "statistics", "report", "history", "progress")),
     ("workflows", ("study", "study_report", "pipeline", "search", "search_report")),
     ("entry points", ("__main__", "colab")),

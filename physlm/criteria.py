@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from physlm.config import CONTROL_MAY_DIFFER
 from physlm.runs import RunData
+from physlm.sections import CONTROL_MAY_DIFFER
 
 MET, NOT_MET, NOT_EVALUATED = "met", "not met", "not evaluated"
 DEGENERATE, BETTER, FLAGGED = "degenerate", "better", "flagged: the control overfits"

@@ -35,6 +35,7 @@ from physlm.files import atomic_write_text
 from physlm.fixture import fixture_dir
 
 PAD, UNK = "<pad>", "<unk>"
+PAD_ID, UNK_ID = 0, 1   # their ids in every Vocabulary
 HUB_NAME = "wikitext-2-raw-v1"
 # Split -> names it may have in the data folder, in order of preference.
 _SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "validation")}
@@ -82,7 +83,7 @@ class Vocabulary:
     def encode(self, tokens: Iterable[str]) -> torch.Tensor:
         """int64 ids; unknown words map to 1 (`<unk>`)."""
         stoi = self.stoi
-        return torch.tensor([stoi.get(token, 1) for token in tokens], dtype=torch.long)
+        return torch.tensor([stoi.get(token, UNK_ID) for token in tokens], dtype=torch.long)
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         return [self.itos[int(index)] for index in ids]

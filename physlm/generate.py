@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from physlm.build import build_model
-from physlm.checkpoint import load_checkpoint
+from physlm.checkpoint import WEIGHT_FORMATS, load_checkpoint
 from physlm.config import Config, ModelConfig
 from physlm.data import Vocabulary, split_lines, tokenize
 from physlm.errors import CheckpointError, GenerationError
@@ -107,18 +107,16 @@ def _is_causal(model: ModelConfig) -> bool:
 
 
 def checkpoint_path(run: RunDirectory, which: str) -> Path:
-    """The file of checkpoint `which` ("last" or "best")."""
-    if which == "last":
-        return run.checkpoint
-    if which == "best":
-        raise GenerationError("physlm keeps no best checkpoint yet, only the last one; "
-                              "use checkpoint last")
+    """The file of checkpoint `which`: "last", or "best" (the weights of the best epoch so
+    far, on the held-out split when the run has one: physlm.rundata)."""
+    if which in CHECKPOINTS:
+        return run.checkpoint if which == "last" else run.best_checkpoint
     raise GenerationError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
 
 
 def load_weights(config: Config, vocab_size: int, path: Path) -> nn.Module:
     """The model of `config` with the weights of checkpoint `path`, in eval mode (CPU)."""
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, formats=WEIGHT_FORMATS)
     model = _build_model(config, vocab_size)
     try:
         model.load_state_dict(state["model"])
@@ -143,8 +141,10 @@ def load_run_model(run_dir: str | Path, checkpoint: str = CHECKPOINTS[0]) -> Run
                               "it is not a causal language model and cannot generate")
     path = checkpoint_path(run, checkpoint)
     if not path.is_file():
+        older = (", or train it again: it was trained before physlm kept the best epoch's "
+                 "weights" if checkpoint == "best" and run.checkpoint.is_file() else "")
         raise GenerationError(f"{run.root} has no {checkpoint} checkpoint ({path}): train the "
-                              "run (a run restored from its record keeps no weights)")
+                              f"run (a run restored from its record keeps no weights){older}")
     vocab = Vocabulary.load(run.vocab)
     return RunModel(load_weights(config, len(vocab), path), vocab, config, checkpoint)
 

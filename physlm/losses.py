@@ -22,6 +22,9 @@ All chunks reuse one logits buffer, and the bias enters the logits product as th
 weight of a constant input 1: on the CPU a fresh chunk-sized tensor per chunk costs
 page faults, and a separate bias pass costs a sweep over the chunk. (The logits
 product, written into that float32 buffer, is not autocast: it runs in float32.)
+
+Each token's loss m_t + log s_t - (W h_t + b)_{y_t} is kept as well (detached, one float per
+token): evaluation sums it over subsets of the targets (those that are not `<unk>`).
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ CHUNK_ELEMENTS = 2**23
 
 def _chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            targets: torch.Tensor, with_grads: bool) -> tuple[torch.Tensor, ...]:
-    """Mean loss and, if asked, its gradients (dh, dW, db), one chunk of tokens at a time."""
+    """Mean loss, each token's loss (shaped as `targets`) and, if asked, the mean's
+    gradients (dh, dW, db), one chunk of tokens at a time."""
     dtype = torch.promote_types(weight.dtype, torch.float32)  # softmax never below fp32
     d_model = h.shape[-1]
+    targets_shape = targets.shape
     inputs, targets = h.reshape(-1, d_model).to(dtype), targets.reshape(-1)
     w = weight.to(dtype)
     num_tokens, vocab = inputs.shape[0], weight.shape[0]
@@ -49,6 +54,7 @@ def _chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     chunk = max(1, min(num_tokens, CHUNK_ELEMENTS // vocab))
     buffer = torch.empty(chunk, vocab, device=h.device, dtype=dtype)  # reused by every chunk
     loss = torch.zeros((), device=h.device, dtype=dtype)
+    token_losses = torch.empty(num_tokens, device=h.device, dtype=dtype)
     if with_grads:
         grad_h = torch.empty_like(inputs)
         grad_w = torch.zeros_like(w)
@@ -60,7 +66,9 @@ def _chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         row_max = logits.amax(dim=1, keepdim=True)
         exp = logits.sub_(row_max).exp_()                           # in place: e_t
         total = exp.sum(dim=1, keepdim=True)                        # s_t
-        loss += (row_max + total.log() - target_logit).sum()
+        chunk_losses = (row_max + total.log() - target_logit).squeeze(1)
+        token_losses[start:end] = chunk_losses
+        loss += chunk_losses.sum()
         if with_grads:
             inv_total = total.reciprocal_()
             grad_h[start:end] = (exp @ w).mul_(inv_total)
@@ -68,13 +76,14 @@ def _chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             if grad_b is not None:
                 grad_b.addmv_(exp.t(), inv_total.squeeze(1))
     scale = 1.0 / num_tokens
+    token_losses = token_losses.view(targets_shape)
     if not with_grads:
-        return (loss * scale,)
+        return loss * scale, token_losses
     grad_h -= w[targets]
     grad_w.index_add_(0, targets, inputs, alpha=-1)
     if grad_b is not None:
         grad_b.index_add_(0, targets, grad_b.new_ones(num_tokens), alpha=-1)
-    return (loss * scale, grad_h.mul_(scale).to(h.dtype).view_as(h),
+    return (loss * scale, token_losses, grad_h.mul_(scale).to(h.dtype).view_as(h),
             grad_w.mul_(scale).to(weight.dtype),
             None if grad_b is None else grad_b.mul_(scale).to(bias.dtype))
 
@@ -82,34 +91,38 @@ def _chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets):
-        loss, *grads = _chunked_cross_entropy(h, weight, bias, targets, with_grads=True)
+        loss, token_losses, *grads = _chunked_cross_entropy(h, weight, bias, targets,
+                                                            with_grads=True)
         ctx.save_for_backward(*grads)
-        return loss
+        ctx.mark_non_differentiable(token_losses)
+        return loss, token_losses
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_token_losses):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         return (grad_h * grad_loss, grad_w * grad_loss,
                 None if grad_b is None else grad_b * grad_loss, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the logits h @ weight.T + bias against targets.
+                         targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of the logits h @ weight.T + bias against targets, and each
+    target's loss (float32 or wider, shaped as `targets`, without gradient).
 
-    Equals F.cross_entropy(F.linear(h, weight, bias).flatten(0, -2), targets.flatten())
-    to floating-point tolerance, in value and gradients, without ever holding all logits.
+    The mean equals F.cross_entropy(F.linear(h, weight, bias).flatten(0, -2),
+    targets.flatten()) to floating-point tolerance, in value and gradients, without ever
+    holding all logits; the per-token losses are its reduction="none".
     """
     tensors = (h, weight) if bias is None else (h, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _LinearCrossEntropy.apply(h, weight, bias, targets)
-    return _chunked_cross_entropy(h, weight, bias, targets, with_grads=False)[0]
+    return _chunked_cross_entropy(h, weight, bias, targets, with_grads=False)
 
 
 def head_output(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(loss, logits) of an LM head: the fused loss when targets are given (no logits
-    are built), else the logits h @ weight.T + bias."""
+                targets: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """(loss, token_losses, logits) of an LM head: with targets, the fused mean loss and
+    each target's loss (no logits are built); without, only the logits h @ weight.T + b."""
     if targets is None:
-        return None, torch.nn.functional.linear(h, weight, bias)
-    return linear_cross_entropy(h, weight, bias, targets), None
+        return None, None, torch.nn.functional.linear(h, weight, bias)
+    return (*linear_cross_entropy(h, weight, bias, targets), None)

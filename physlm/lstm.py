@@ -78,8 +78,9 @@ class LSTMLanguageModel(nn.Module):
         embeddings = self.embedding(x)
         out, (h_n, c_n) = self.lstm(self.dropout(embeddings), state)
         h = self.dropout(out)
-        loss, logits = head_output(h, self.head_weight, self.head_bias, targets)
-        return ModelOutput(loss=loss, logits=logits, token_embeddings=embeddings,
+        loss, token_losses, logits = head_output(h, self.head_weight, self.head_bias, targets)
+        return ModelOutput(loss=loss, token_losses=token_losses, logits=logits,
+                           token_embeddings=embeddings,
                            hidden_states=[embeddings, out],
                            expert_load=torch.zeros(self.config.n_layers, 0, device=x.device),
                            state=(h_n.detach(), c_n.detach()))

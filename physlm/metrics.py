@@ -140,8 +140,9 @@ def epoch_figures(record: dict[str, Any]) -> str:
     def number(key: str, spec: str) -> str:
         return "-" if record.get(key) is None else format(record[key], spec)
 
+    heldout = f"  held-out PPL {number('heldout_ppl', ',.2f')}" if "heldout_ppl" in record else ""
     return (f"train loss {number('train_loss', '.4f')}  val PPL {number('val_ppl', ',.2f')}"
-            f"  drift {number('drift', '.4g')}  lambda {number('lambda', '.4g')}")
+            f"{heldout}  drift {number('drift', '.4g')}  lambda {number('lambda', '.4g')}")
 
 
 def exp_or_inf(x: float) -> float:

@@ -90,12 +90,13 @@ class BKLayer(nn.Module):
 class ModelOutput:
     """What one forward pass gives the trainer.
 
-    loss is the mean next-token cross-entropy when targets were given; logits are
-    only materialised when they were not (the training loss never builds the full
-    batch x vocabulary logits, see physlm.losses).
+    loss is the mean next-token cross-entropy when targets were given, token_losses each
+    target's (B, N), without gradient; logits are only materialised when they were not (the
+    training loss never builds the full batch x vocabulary logits, see physlm.losses).
     """
 
     loss: torch.Tensor | None
+    token_losses: torch.Tensor | None
     logits: torch.Tensor | None
     token_embeddings: torch.Tensor          # (B, N, D), e_t of the reference energy
     hidden_states: list[torch.Tensor]       # [h_0, ..., h_L], the "depth" trajectory
@@ -141,12 +142,14 @@ class ResNetBK(nn.Module):
             loads.append(load)
             importances.append(importance)
         h = self.final_norm(h)
-        loss, logits = head_output(h, self.lm_head.weight, self.lm_head.bias, targets)
+        loss, token_losses, logits = head_output(h, self.lm_head.weight, self.lm_head.bias,
+                                                 targets)
         expert_load, balance = torch.stack(loads), None
         if self.config.moe_balance_weight > 0:
             score = balance_score(expert_load, torch.stack(importances))
             balance = self.config.moe_balance_weight * score.mean()
-        return ModelOutput(loss=loss, logits=logits, token_embeddings=embeddings,
+        return ModelOutput(loss=loss, token_losses=token_losses, logits=logits,
+                           token_embeddings=embeddings,
                            hidden_states=hidden_states, expert_load=expert_load,
                            balance_loss=balance)
 

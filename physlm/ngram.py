@@ -23,7 +23,8 @@ the start of the stream are padded with `<pad>`, which no train history holds: t
 off.
 
 Perplexity is exp of the mean negative log-probability, over all targets and over the
-targets that are not `<unk>` (the words the vocabulary knows).
+targets that are not `<unk>` (the words the vocabulary knows). `references` gives them for
+every split a run evaluates, as a run stores them (physlm.runs: metrics/references.json).
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ import math
 
 import torch
 
-from physlm.data import PAD, UNK, Corpus
+from physlm.data import PAD, PAD_ID, UNK, UNK_ID, Corpus
 
-PAD_ID, UNK_ID = 0, 1
 DISCOUNT = 0.75
 
 
@@ -150,3 +150,16 @@ def count_references(corpus: Corpus, split: str = "valid") -> dict[str, dict[str
               "kn_bigram": KneserNey(train, size, order=2),
               "kn_trigram": KneserNey(train, size, order=3)}
     return {name: perplexities(model, getattr(corpus, split)) for name, model in models.items()}
+
+
+def references(corpus: Corpus) -> dict[str, dict]:
+    """For validation and, when the corpus has one, the held-out split: the number of targets
+    scored, of those not `<unk>`, and `count_references` under "ppl"."""
+    splits = ("valid",) if corpus.heldout is None else ("valid", "heldout")
+    result = {}
+    for split in splits:
+        targets = getattr(corpus, split)[:, 1:]
+        result[split] = {"targets": targets.numel(),
+                         "known_targets": int((targets != UNK_ID).sum()),
+                         "ppl": count_references(corpus, split)}
+    return result

@@ -2,6 +2,7 @@
 
     build_optimizer(config.train, params)                  -> torch.optim.Optimizer
     build_schedule(config.train, optimizer, steps_per_epoch) -> Schedule
+    load_optimizer_state(optimizer, saved)                  (a checkpoint's, on resume)
 
 Optimizers (`optimizer`):
 
@@ -18,6 +19,7 @@ leaves the parameters and the optimizer state as they were. The fused SGD kernel
 `found_inf` itself; its momentum buffers are created (zero) here, because on a first step
 that is skipped the kernel would leave them uninitialised (torch.empty_like). With
 dampening 0, a zero buffer gives the same first step as none: buf = mu * 0 + g = g.
+`complete_state` creates them again for parameters that a loaded state lacked.
 
 Schedules (`lr_schedule`), all `torch.optim.lr_scheduler`, and a linear warmup before any
 of them: lr * (step + 1) / W over the first W = `lr_warmup_steps` steps (LinearLR).
@@ -93,9 +95,7 @@ class ConformalSymplectic(torch.optim.Optimizer):
                              f"got {lr}, {momentum}, {delta}, {weight_decay}")
         super().__init__(params, {"lr": lr, "momentum": momentum, "delta": delta,
                                   "weight_decay": weight_decay})
-        for group in self.param_groups:   # created now, so a skipped first step changes nothing
-            for p in group["params"]:
-                self.state[p]["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        complete_state(self)   # the buffers now, so a skipped first step changes nothing
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 (torch.optim.Optimizer.step)
@@ -142,10 +142,34 @@ def build_optimizer(train: TrainConfig, params: Iterable[torch.nn.Parameter]
     optimizer = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum,
                                 nesterov=train.nesterov, weight_decay=train.weight_decay,
                                 fused=True)
-    if train.momentum > 0:   # see the module docstring: no uninitialised buffers
-        for p in params:
-            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    complete_state(optimizer)
     return optimizer
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load `saved` into `optimizer`, whose one group may end with parameters the saved one
+    had not (a run forked from a warmup where lambda was no optimizer parameter, SPEC flaw
+    4): they start without state (zero momentum), as they had no gradient before either."""
+    group = saved["param_groups"][0]
+    count = len(optimizer.param_groups[0]["params"])
+    group["params"] = [*group["params"], *range(len(group["params"]), count)]
+    optimizer.load_state_dict(saved)
+    complete_state(optimizer)
+
+
+def complete_state(optimizer: torch.optim.Optimizer) -> None:
+    """Zero momentum buffers for the parameters that have none (a new optimizer, or one
+    loaded from a state saved without some of its parameters): see the module docstring.
+    AdamW creates its state itself on the first applied step."""
+    buffer = {ConformalSymplectic: "momentum", torch.optim.SGD: "momentum_buffer"}.get(
+        type(optimizer))
+    for group in optimizer.param_groups:
+        if buffer is None or (buffer == "momentum_buffer" and not group["momentum"]):
+            continue   # AdamW, or SGD without momentum: no buffer
+        for p in group["params"]:
+            if buffer not in optimizer.state[p]:
+                optimizer.state[p][buffer] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format)
 
 
 class Schedule:

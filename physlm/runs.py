@@ -6,9 +6,12 @@
       env.json             provenance: versions, device, git commit, data checksums
       metrics/steps.jsonl  one JSON record per optimizer step
       metrics/epochs.jsonl one JSON record per finished epoch
-      metrics/initial.json the untrained model's validation loss
+      metrics/initial.json the untrained model's validation (and held-out) loss
+      metrics/references.json count-model perplexities (physlm.ngram), counted at the start
       checkpoints/last.pt  the latest checkpoint (written atomically)
+      checkpoints/best.pt  the weights of the best epoch so far (`improves`)
       checkpoints/warmup.pt the checkpoint at the end of the warmup, where runs fork
+      checkpoints/warmup_best.pt best.pt as it was then, for the runs that fork there
       samples.json         continuations of the fixed validation prompts (physlm.generate)
       notebooks/*.ipynb    executed notebooks of each stage (pipeline runs)
       control/             the physics-off control run, a run directory itself
@@ -17,8 +20,8 @@ A run's record is what a report reads: config.yaml, env.json, metrics/ and sampl
 without the checkpoints, vocabulary or notebooks (~0.4 MB, small enough to commit).
 
 The trainer writes through `RunDirectory`; the report, plots, pipeline and
-notebooks read a finished (or unfinished) run as one typed `RunData`: the
-configuration as a `Config`, env.json as a dict, the metrics as DataFrames.
+notebooks read a finished (or unfinished) run as one typed `RunData` (physlm.rundata: the
+configuration as a `Config`, env.json as a dict, the metrics as DataFrames; its best epoch).
 Metrics files are append-only JSON lines (physlm.files); every other file is replaced
 atomically. A file that cannot be read as what it should hold (empty, cut short, a line that
 is not a record) raises DamagedFileError naming it, never the defaults in its place; a last
@@ -40,7 +43,7 @@ from typing import Any
 import pandas as pd
 
 from physlm.checkpoint import load_checkpoint, save_checkpoint
-from physlm.config import RESUMABLE, RUNS_ROOT, WARMUP_INVARIANT, Config, from_flat
+from physlm.config import RUNS_ROOT, Config, from_flat
 from physlm.errors import CheckpointError, NotWritableError, RunConflictError
 from physlm.files import (
     append_jsonl,
@@ -54,6 +57,8 @@ from physlm.files import (
     write_settings,
 )
 from physlm.lock import run_lock
+from physlm.rundata import RunData
+from physlm.sections import RESUMABLE, WARMUP_INVARIANT
 from physlm.values import ConfigError
 
 # The fields every record has (the trainer's since the first published runs): a record
@@ -84,6 +89,9 @@ class RunDirectory:
     initial = property(lambda self: self.root / "metrics" / "initial.json")
     checkpoint = property(lambda self: self.root / "checkpoints" / "last.pt")
     warmup_checkpoint = property(lambda self: self.root / "checkpoints" / "warmup.pt")
+    best_checkpoint = property(lambda self: self.root / "checkpoints" / "best.pt")
+    warmup_best_checkpoint = property(lambda self: self.root / "checkpoints" / "warmup_best.pt")
+    references = property(lambda self: self.root / "metrics" / "references.json")
     notebooks = property(lambda self: self.root / "notebooks")
     samples = property(lambda self: self.root / "samples.json")
     control = property(lambda self: RunDirectory(self.root / "control"))
@@ -169,7 +177,8 @@ class RunDirectory:
 
     def copy_record_to(self, dest: RunDirectory) -> None:
         """Copy this run's record (config, provenance, metrics) to `dest`."""
-        for path in (self.config, self.env, self.initial, self.steps, self.epochs, self.samples):
+        for path in (self.config, self.env, self.initial, self.references, self.steps,
+                     self.epochs, self.samples):
             if path.is_file():
                 atomic_write_bytes(dest.root / path.relative_to(self.root), path.read_bytes())
 
@@ -218,25 +227,36 @@ class RunDirectory:
 
     # ------------------------------------------------------------ forks
     def keep_warmup_checkpoint(self) -> None:
+        """Keep last.pt, and best.pt as it is now, for the runs that fork here."""
         atomic_write_bytes(self.warmup_checkpoint, self.checkpoint.read_bytes())
+        if self.best_checkpoint.is_file():
+            atomic_write_bytes(self.warmup_best_checkpoint, self.best_checkpoint.read_bytes())
 
     def fork_from(self, source: RunDirectory, config: Config) -> bool:
         """Start this (empty) run at the end of `source`'s warmup, when `config` would train
         the same warmup (it differs from source's settings only in WARMUP_INVARIANT ones);
-        return whether it did. Training then resumes from the copied checkpoint."""
+        return whether it did. Training then resumes from the copied checkpoint. A warmup
+        checkpoint this code cannot continue (an older format) is no start: this run then
+        trains its own warmup, which gives the same result."""
         if self.holds_run or not source.warmup_checkpoint.is_file():
             return False
         source_config = source.read_config()
         if source_config.differences(config, allowed=WARMUP_INVARIANT):
             return False
+        try:
+            state = load_checkpoint(source.warmup_checkpoint)
+        except CheckpointError:
+            return False
         self.create()
-        state = load_checkpoint(source.warmup_checkpoint)
         state["config"] = config.to_flat()
         save_checkpoint(self.checkpoint, state)
+        if source.warmup_best_checkpoint.is_file():
+            atomic_write_bytes(self.best_checkpoint, source.warmup_best_checkpoint.read_bytes())
         self.keep_warmup_checkpoint()
         epoch = state["epoch"]
-        for name in ("vocab", "initial"):
-            atomic_write_bytes(getattr(self, name), getattr(source, name).read_bytes())
+        for name in ("vocab", "initial", "references"):
+            if getattr(source, name).is_file():
+                atomic_write_bytes(getattr(self, name), getattr(source, name).read_bytes())
         for name in ("steps", "epochs"):
             records = read_jsonl(getattr(source, name), ("epoch",))
             write_jsonl(getattr(self, name), [r for r in records if r["epoch"] < epoch])
@@ -246,13 +266,14 @@ class RunDirectory:
         return True
 
     # ------------------------------------------------------------ metrics
-    def start_metrics(self, initial: dict[str, Any]) -> None:
-        """Fresh metrics, beginning with the untrained model's validation (the first write
-        of a new run: the directory tree is created here)."""
+    def start_metrics(self, initial: dict[str, Any], references: dict[str, Any]) -> None:
+        """Fresh metrics, beginning with the untrained model's validation and the count
+        references (the first write of a new run: the directory tree is created here)."""
         self.create()
         for path in (self.steps, self.epochs):
             path.unlink(missing_ok=True)
         atomic_write_text(self.initial, json.dumps(initial, indent=2))
+        atomic_write_text(self.references, json.dumps(references, indent=2))
 
     def append_steps(self, records: list[dict[str, Any]]) -> None:
         append_jsonl(self.steps, records)
@@ -289,6 +310,7 @@ class RunDirectory:
         return RunData(
             run=self, config=self.read_config(), env=self.read_env(),
             initial=read_json(self.initial, default={}),
+            references=read_json(self.references, default={}),
             steps=_frame(read_jsonl(self.steps, STEP_KEYS, warn_torn=True), STEP_KEYS),
             epochs=_frame(read_jsonl(self.epochs, EPOCH_KEYS, warn_torn=True), EPOCH_KEYS))
 
@@ -300,49 +322,6 @@ def _frame(records: list[dict[str, Any]], keys: tuple[str, ...]) -> pd.DataFrame
         if key not in frame:
             frame[key] = pd.Series(dtype=object)
     return frame
-
-
-@dataclass
-class RunData:
-    """A saved run: its configuration, provenance and metrics."""
-
-    run: RunDirectory
-    config: Config
-    env: dict[str, Any]
-    initial: dict[str, Any]       # the untrained model's validation (empty for old runs)
-    steps: pd.DataFrame
-    epochs: pd.DataFrame
-
-    @property
-    def name(self) -> str:
-        return self.run.name
-
-    @property
-    def root(self) -> Path:
-        return self.run.root
-
-    @property
-    def finished(self) -> bool:
-        return len(self.epochs) >= self.config.train.epochs
-
-    def best_epoch(self) -> tuple[float, int]:
-        """(val PPL, 1-based epoch) of the finished epoch with the lowest val PPL."""
-        best = self.epochs.loc[self.epochs["val_ppl"].astype(float).idxmin()]
-        return float(best["val_ppl"]), int(best["epoch"]) + 1
-
-    def phase(self, name: str) -> pd.DataFrame:
-        """The epoch records of one phase ("warmup" or "physics")."""
-        return self.epochs[self.epochs["phase"] == name]
-
-    @property
-    def energy_steps(self) -> pd.DataFrame:
-        """Steps whose energy term was computed and applied (physics on, not skipped)."""
-        steps = self.steps
-        if "energy_computed" not in steps:
-            return steps.iloc[0:0]
-        mask = (steps["physics"].astype(bool) & steps["energy_computed"].astype(bool)
-                & ~steps["skipped"].astype(bool))
-        return steps[mask]
 
 
 def default_run_dir(config: Config) -> Path:

@@ -31,9 +31,7 @@ from typing import Any
 
 from physlm.config import (
     REPORTS_ROOT,
-    RESUMABLE,
     RUNS_ROOT,
-    WARMUP_INVARIANT,
     Config,
     PhysicsConfig,
     TrainConfig,
@@ -43,6 +41,7 @@ from physlm.config import (
 from physlm.errors import ConfigError, one_line
 from physlm.pool import TrainJob, run_jobs
 from physlm.runs import RunData, RunDirectory, load_run
+from physlm.sections import RESUMABLE, WARMUP_INVARIANT
 from physlm.values import parse_options
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"

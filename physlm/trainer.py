@@ -4,16 +4,19 @@
                                              e.g. [epoch >= physics_start_epoch] * mean_l
                                              lambda_l * mse_l for the energy penalty
 
-One optimizer step per batch (AdamW, gradient-norm clipping), then each objective's
-`after_step` (the multiplier controller). Every step appends a record to
-metrics/steps.jsonl; every epoch ends with validation, a record in
-metrics/epochs.jsonl and a checkpoint. `Trainer.fit(until_epoch)` stops early
+One optimizer step per batch (physlm.optim: AdamW, SGD or the conformal symplectic
+optimizer, after gradient-norm clipping), then the learning-rate schedule's step and each
+objective's `after_step` (the multiplier controller). Every step appends a record to
+metrics/steps.jsonl; every epoch ends with validation and, when the run holds out part of
+train, the held-out evaluation (which alone drives the plateau schedule and picks the best
+epoch: physlm.rundata), a record in metrics/epochs.jsonl, checkpoints/best.pt when the
+epoch is the best so far, and a checkpoint. `Trainer.fit(until_epoch)` stops early
 at an epoch boundary, which is how the warmup and physics notebooks split one
 run; calling it again (or re-running after a crash) resumes from the checkpoint.
 
-A non-finite loss or gradient norm skips the step on the device (the fused
-AdamW kernel's `found_inf`, as AMP's grad scaler does), is logged as
-`skipped`, and `max_bad_steps` consecutive ones abort the run. On the CPU the
+A non-finite loss or gradient norm skips the step on the device (`found_inf`, as AMP's
+grad scaler does for the fused kernels; the schedule still counts the batch), is logged
+as `skipped`, and `max_bad_steps` consecutive ones abort the run. On the CPU the
 metrics are flushed every step; on CUDA every FLUSH_EVERY_CUDA steps so the hot
 loop never waits for the device.
 """
@@ -29,17 +32,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from physlm import distributed, gradients
+from physlm import distributed, gradients, optim
 from physlm.build import build_model
 from physlm.checkpoint import load_checkpoint, save_checkpoint
 from physlm.config import Config
 from physlm.data import Corpus, Vocabulary, load_corpus, num_batches, train_batches
 from physlm.errors import TrainingError
-from physlm.evaluation import evaluate
+from physlm.evaluation import HELDOUT, evaluate
 from physlm.metrics import EpochTotals, epoch_figures, step_record
 from physlm.model import count_parameters
+from physlm.ngram import references
 from physlm.objectives import build_objectives
 from physlm.provenance import environment_info
+from physlm.rundata import improves, selection_key
 from physlm.runs import RunDirectory
 
 FLUSH_EVERY_CUDA = 50
@@ -78,6 +83,7 @@ class Trainer:
         self.modules = torch.nn.ModuleList([self.model, *trained]).to(self.device)
         self.optimizer = self.build_optimizer([p for p in self.modules.parameters()
                                                if p.requires_grad])
+        self.schedule = optim.build_schedule(config.train, self.optimizer, self.batches_per_epoch)
         self.epoch = 0              # the epoch in progress (0-based)
         self.batch_in_epoch = 0     # batches of it already trained
         self.global_step = 0
@@ -89,7 +95,7 @@ class Trainer:
         if saved:
             self._restore(saved)
         else:  # the untrained model's validation loss: what training must improve on
-            initial = self.evaluate()
+            initial = {**self.evaluate(), **self.evaluate_heldout()}
             if self.rank == 0:
                 self._start_fresh(initial)
         if self.world > 1:
@@ -105,8 +111,12 @@ class Trainer:
         while self.epoch < stop:
             if self.batch_in_epoch < self.batches_per_epoch:
                 self.train_epoch()
-            record = self.epoch_record(self.evaluate())
+            record = self.epoch_record(self.evaluate(), self.evaluate_heldout())
+            if "heldout_loss" in record:   # the plateau schedule watches held-out, never val
+                self.schedule.after_epoch(record["heldout_loss"])
             if self.rank == 0:
+                if improves(self.run.epoch_records(), record):
+                    self.save_best(record)   # before last.pt: a crash between redoes the epoch
                 self.run.append_epoch(record)
                 if self.config.train.progress:
                     tqdm.write(f"{self.run.label}: epoch {self.epoch + 1}/{epochs} "
@@ -184,8 +194,9 @@ class Trainer:
         lm_loss = stats["lm_loss"][0]
         loss = _total([lm_loss, *(stats[o.loss_field] for o in terms)])
         skipped = ~(torch.isfinite(loss) & torch.isfinite(grads.grad_norm))
-        self.step_optimizer(skipped)
-        record = {**stats, "loss": loss, "lm_loss": lm_loss, "skipped": skipped, **vars(grads)}
+        lr = self.step_optimizer(skipped)
+        record = {**stats, "loss": loss, "lm_loss": lm_loss, "skipped": skipped, "lr": lr,
+                  **vars(grads)}
         for objective in self.objectives:
             record.update(objective.after_step(stats if objective in terms else None, skipped,
                                                physics_on))
@@ -193,20 +204,18 @@ class Trainer:
 
     # ---------------------------------------------------------------- the optimizer
     def build_optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        """AdamW over the trained parameters, one group (its params are what is clipped)."""
-        train = self.config.train
-        return torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay,
-                                 fused=True)
+        """The run's optimizer (physlm.optim) over the trained parameters, in one group (its
+        params are what is clipped)."""
+        return optim.build_optimizer(self.config.train, parameters)
 
-    def step_optimizer(self, skipped: torch.Tensor) -> None:
-        """The update, skipped on the device when `skipped` (the fused kernel's `found_inf`,
-        as AMP's grad scaler does), after the learning rate of this step: a linear warmup
-        over `lr_warmup_steps`, then constant."""
+    def step_optimizer(self, skipped: torch.Tensor) -> float:
+        """The update, skipped on the device when `skipped` (`found_inf`, physlm.optim), then
+        the schedule's step, which counts every batch; returns the learning rate it used."""
+        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.found_inf = skipped.float()
-        if warmup := self.config.train.lr_warmup_steps:
-            self.optimizer.param_groups[0]["lr"] = self.config.train.lr * min(
-                1.0, (self.global_step + 1) / warmup)
         self.optimizer.step()
+        self.schedule.after_step()
+        return lr
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp:
@@ -216,6 +225,13 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.corpus.valid, self.config.data, self.device,
                         self.rank, self.world, self._autocast)
+
+    def evaluate_heldout(self) -> dict[str, float]:
+        """The held-out split's figures (`heldout_loss`, ...); none without one."""
+        if self.corpus.heldout is None:
+            return {}
+        return evaluate(self.model, self.corpus.heldout, self.config.data, self.device,
+                        self.rank, self.world, self._autocast, split=HELDOUT)
 
     # ---------------------------------------------------------------- logging
     def _flush(self, window_start: float) -> None:
@@ -238,17 +254,21 @@ class Trainer:
                 f"last good checkpoint ({self.run.checkpoint}). Lower lr, check the data, or "
                 "raise max_bad_steps.")
 
-    def epoch_record(self, validation: dict[str, float]) -> dict[str, Any]:
-        """The finished epoch: its running totals, the objectives' figures, validation."""
+    def epoch_record(self, validation: dict[str, float],
+                     heldout: dict[str, float]) -> dict[str, Any]:
+        """The finished epoch: its running totals, the objectives' figures, validation and
+        held-out (none without a held-out split), the learning rate it ended with."""
         record = {"epoch": self.epoch, "phase": self.config.phase(self.epoch),
-                  **self.totals.summary(self.objectives), **validation}
-        record["time_s"] = record["train_time_s"] + validation["val_time_s"]
+                  **self.totals.summary(self.objectives), **validation, **heldout,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        record["time_s"] = (record["train_time_s"] + validation["val_time_s"]
+                            + heldout.get("heldout_time_s", 0.0))
         return record
 
     # ---------------------------------------------------------------- run directory
     def _start_fresh(self, initial: dict[str, float]) -> None:
         run = self.run
-        run.start_metrics(initial)
+        run.start_metrics(initial, references(self.corpus))
         run.write_config(self.config)
         self.corpus.vocab.save(run.vocab)
         env = environment_info(self.device)
@@ -268,6 +288,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "objectives": {o.name: o.state_dict() for o in self.objectives},
             "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
@@ -282,11 +303,21 @@ class Trainer:
         if self.batch_in_epoch == 0 and self.epoch == self.config.warmup_epochs:
             self.run.keep_warmup_checkpoint()  # where a control or a sibling run may fork
 
+    def save_best(self, record: dict[str, Any]) -> None:
+        """checkpoints/best.pt: the weights at the end of epoch `record`, the best so far
+        (physlm.rundata.improves); weights only, for sampling (physlm.generate)."""
+        key = selection_key(record)
+        save_checkpoint(self.run.best_checkpoint, {
+            "model": self.model.state_dict(), "epoch": record["epoch"],
+            "global_step": self.global_step, "selected_on": key, key: record[key],
+            "config": self.config.to_flat()})
+
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         for objective in self.objectives:
             objective.load_state_dict(state["objectives"][objective.name])
-        self.optimizer.load_state_dict(_with_new_parameters(state["optimizer"], self.optimizer))
+        optim.load_optimizer_state(self.optimizer, state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step, self.consecutive_bad = state["global_step"], state["consecutive_bad"]
         self.totals = EpochTotals.from_state(state.get("epoch_totals"))
@@ -317,17 +348,6 @@ class Trainer:
 def _total(terms: list[torch.Tensor]) -> torch.Tensor | None:
     """((t_0 + t_1) + t_2) + ...: the terms in their order; None for no terms."""
     return sum(terms[1:], start=terms[0]) if terms else None
-
-
-def _with_new_parameters(saved: dict[str, Any], optimizer: torch.optim.Optimizer
-                         ) -> dict[str, Any]:
-    """A saved optimizer state for `optimizer`, whose group may end with parameters the run
-    saved had not (a run forked from a warmup where lambda was no AdamW parameter, SPEC
-    flaw 4): they start without state, as they had no gradient before either."""
-    group = saved["param_groups"][0]
-    count = len(optimizer.param_groups[0]["params"])
-    group["params"] = [*group["params"], *range(len(group["params"]), count)]
-    return saved
 
 
 def train(config: Config, run_dir: str | Path, until_epoch: int | None = None,

@@ -110,7 +110,9 @@ class Transformer(nn.Module):
             h = block(h)
             hidden_states.append(h)
         h = self.final_norm(h)
-        loss, logits = head_output(h, self.lm_head.weight, self.lm_head.bias, targets)
-        return ModelOutput(loss=loss, logits=logits, token_embeddings=embeddings,
+        loss, token_losses, logits = head_output(h, self.lm_head.weight, self.lm_head.bias,
+                                                 targets)
+        return ModelOutput(loss=loss, token_losses=token_losses, logits=logits,
+                           token_embeddings=embeddings,
                            hidden_states=hidden_states,
                            expert_load=torch.zeros(self.config.n_layers, 0, device=x.device))

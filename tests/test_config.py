@@ -3,18 +3,9 @@
 import pytest
 import yaml
 
-from physlm.config import (
-    CONTROL_MAY_DIFFER,
-    KEYS,
-    RESUMABLE,
-    WARMUP_INVARIANT,
-    Config,
-    ConfigError,
-    from_flat,
-    keys_tagged,
-    load_config,
-)
+from physlm.config import KEYS, Config, ConfigError, from_flat, keys_tagged, load_config
 from physlm.runs import RunDirectory
+from physlm.sections import CONTROL_MAY_DIFFER, RESUMABLE, WARMUP_INVARIANT
 from physlm.values import parse_assignment
 
 

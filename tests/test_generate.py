@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,19 @@ def test_the_weights_are_the_checkpoints(runs):
     for name, tensor in run_model.model.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
     assert not run_model.model.training
+
+
+def test_the_best_checkpoint_is_the_best_epochs_weights(runs, tmp_path, capsys):
+    """`--checkpoint best` reads checkpoints/best.pt (physlm.trainer), not last.pt."""
+    run = RunDirectory(shutil.copytree(runs["resnet_bk"], tmp_path / "run"))
+    state = torch.load(run.best_checkpoint, weights_only=True)
+    state["model"] = {k: torch.zeros_like(v) for k, v in state["model"].items()}
+    torch.save(state, run.best_checkpoint)   # weights that no last.pt holds
+    best = gen.load_run_model(run.root, "best")
+    assert best.checkpoint == "best" and gen.checkpoint_path(run, "best") == run.best_checkpoint
+    assert all(not t.any() for t in best.model.state_dict().values())
+    assert main(["generate", str(run.root), "--checkpoint", "best", "--tokens", "3"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == gen.PROMPT_COUNT
 
 
 def test_same_seed_same_text_and_the_global_rng_untouched(loaded):
@@ -257,7 +271,7 @@ def _run_without_checkpoint(tmp_path: Path, **overrides) -> Path:
     ("missing run", "run directory"),
     ("no checkpoint", "has no last checkpoint"),
     ("bidirectional", "bidirectional BK core"),
-    ("best", "no best checkpoint yet"),
+    ("no best", "has no best checkpoint"),
     ("empty prompt", "the prompt is empty"),
     ("tokens 0", "tokens must be >= 1, got 0"),
     ("tokens -3", "tokens must be >= 1, got -3"),
@@ -272,8 +286,12 @@ def test_command_errors_are_one_line(runs, tmp_path, capsys, case, expected):
         run = str(_run_without_checkpoint(tmp_path))
     elif case == "bidirectional":
         run = str(_run_without_checkpoint(tmp_path, bk_mode="bidirectional"))
+    elif case == "no best":   # a run trained before physlm kept its best epoch
+        run = str(shutil.copytree(runs["resnet_bk"], tmp_path / "old"))
+        RunDirectory(run).best_checkpoint.unlink()
+        extra = ["--checkpoint", "best"]
     else:
-        extra = {"best": ["--checkpoint", "best"], "empty prompt": ["--prompt", "  "],
+        extra = {"empty prompt": ["--prompt", "  "],
                  "tokens 0": ["--tokens", "0"], "tokens -3": ["--tokens", "-3"],
                  "negative temperature": ["--temperature", "-1"],
                  "top-k 0": ["--top-k", "0"]}[case]

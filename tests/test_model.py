@@ -93,8 +93,11 @@ def test_model_loss_equals_cross_entropy_of_its_logits():
     x, y = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
     out = model(x, y)
     assert out.logits is None
-    reference = F.cross_entropy(model(x).logits.reshape(-1, 50), y.reshape(-1))
+    logits = model(x).logits.reshape(-1, 50)
+    reference = F.cross_entropy(logits, y.reshape(-1))
     torch.testing.assert_close(out.loss, reference)
+    per_token = F.cross_entropy(logits, y.reshape(-1), reduction="none").view(3, 12)
+    torch.testing.assert_close(out.token_losses, per_token.detach())
     assert len(out.hidden_states) == 3 and out.expert_load.shape == (2, 4)
 
 
@@ -107,15 +110,21 @@ def test_fused_linear_cross_entropy_matches_reference(monkeypatch, bias):
     b = torch.randn(40, dtype=torch.float64, requires_grad=True) if bias else None
     y = torch.randint(0, 40, (2, 7))
     inputs = (h, w, b) if bias else (h, w)
-    fused = linear_cross_entropy(h, w, b, y)
+    fused, per_token = linear_cross_entropy(h, w, b, y)
     reference = F.cross_entropy(F.linear(h, w, b).reshape(-1, 40), y.reshape(-1))
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-12)
+    unreduced = F.cross_entropy(F.linear(h, w, b).reshape(-1, 40), y.reshape(-1),
+                                reduction="none").view(2, 7)
+    torch.testing.assert_close(per_token, unreduced.detach(), rtol=0, atol=1e-12)
+    assert not per_token.requires_grad
     grads = torch.autograd.grad(3.0 * fused, inputs)
     expected = torch.autograd.grad(3.0 * reference, inputs)
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     with torch.no_grad():
-        torch.testing.assert_close(linear_cross_entropy(h, w, b, y), reference.detach())
+        loss, per_token = linear_cross_entropy(h, w, b, y)
+        torch.testing.assert_close(loss, reference.detach())
+        torch.testing.assert_close(per_token, unreduced.detach())
 
 
 def test_longer_than_n_seq_is_an_error():

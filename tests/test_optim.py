@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from physlm.config import from_flat
-from physlm.optim import ConformalSymplectic, build_optimizer, build_schedule
+from physlm.optim import (
+    ConformalSymplectic,
+    build_optimizer,
+    build_schedule,
+    load_optimizer_state,
+)
 from physlm.values import ConfigError
 
 OPTIMIZERS = {
@@ -147,6 +152,34 @@ def test_a_skipped_first_step_leaves_the_state_as_built(optimizer):
     built = copy.deepcopy(run.optimizer.state_dict())
     run.step(0, bad=True)
     assert _same_tensors(built, run.optimizer.state_dict())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "symplectic"])
+def test_a_state_saved_without_the_last_parameters_loads_and_steps(optimizer):
+    """A run forked from a warmup whose optimizer lacked lambda (SPEC flaw 4): the saved state
+    covers the first parameters; the new one starts without state (zero momentum), and a
+    skipped first step leaves it so."""
+    train = _config(**OPTIMIZERS[optimizer])
+    old = _Run(train)
+    old.step(0)
+    extra = torch.nn.Parameter(torch.ones(3))
+    params = [*old.model.parameters(), extra]
+    optimizer_now = build_optimizer(train, params)
+    load_optimizer_state(optimizer_now, copy.deepcopy(old.optimizer.state_dict()))
+    saved = old.optimizer.state_dict()["state"]
+    for index, p in enumerate(params[:-1]):
+        assert _same_tensors(dict(optimizer_now.state[p]), saved[index])
+    buffer = {"adamw": [], "sgd": ["momentum_buffer"], "symplectic": ["momentum"]}[optimizer]
+    assert list(optimizer_now.state[extra]) == buffer   # AdamW makes its own on a real step
+    assert not any(t.any() for t in optimizer_now.state[extra].values())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer_now.found_inf = torch.tensor(1.0)
+    optimizer_now.step()
+    assert torch.equal(extra, torch.ones(3))
+    optimizer_now.found_inf = torch.tensor(0.0)
+    optimizer_now.step()
+    assert not torch.equal(extra, torch.ones(3))
 
 
 def _lrs(train, steps: int, heldout=None) -> list[float]:

@@ -7,6 +7,7 @@ from itertools import pairwise
 import pytest
 import torch
 
+from physlm.checkpoint import load_checkpoint
 from physlm.files import read_jsonl
 from physlm.runs import RunConflictError, RunDirectory
 from physlm.trainer import Trainer, TrainingError, train
@@ -186,6 +187,11 @@ def test_a_run_forked_from_a_warmup_equals_one_trained_from_scratch(tiny_config,
     for name in ("steps.jsonl", "epochs.jsonl"):
         scratch = read_jsonl(tmp_path / "scratch" / "metrics" / name)
         assert _stable(read_jsonl(forked.steps.parent / name)) == _stable(scratch)
+    scratch = RunDirectory(tmp_path / "scratch")
+    assert forked.references.read_text() == scratch.references.read_text()
+    best = [load_checkpoint(run.best_checkpoint) for run in (forked, scratch)]
+    assert best[0]["epoch"] == best[1]["epoch"]   # the best may be a warmup epoch: kept too
+    assert all(torch.equal(best[0]["model"][k], v) for k, v in best[1]["model"].items())
 
 
 def test_no_fork_where_the_warmup_would_differ(tiny_config, tmp_path):
@@ -199,3 +205,55 @@ def test_no_fork_where_the_warmup_would_differ(tiny_config, tmp_path):
                               fit_heads_in_warmup=True)):
         assert not RunDirectory(tmp_path / "target").fork_from(source, other)
     assert not (tmp_path / "target").exists()
+
+
+OPTIMIZERS = {"adamw": {"optimizer": "adamw"},
+              "sgd": {"optimizer": "sgd", "lr": 0.3, "momentum": 0.9, "nesterov": True},
+              "symplectic": {"optimizer": "symplectic", "lr": 0.1, "momentum": 0.8}}
+SCHEDULES = {"constant": {"lr_schedule": "constant"},
+             "cosine": {"lr_schedule": "cosine", "lr_warmup_steps": 3},
+             "plateau": {"lr_schedule": "plateau", "lr_warmup_steps": 3}}
+HELDOUT_LOSSES = [3.0, 3.5, 3.6]   # per epoch: rises twice, so patience 0 cuts the lr twice
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_resume_is_exact_for_every_optimizer_and_schedule(tiny_config, tmp_path, monkeypatch,
+                                                          optimizer, schedule):
+    """Killed mid-epoch after the warmup and after a plateau decision, then resumed: the same
+    steps, epochs, learning rates and best checkpoint as a run never interrupted."""
+    monkeypatch.setattr(Trainer, "evaluate_heldout", lambda self: {
+        "heldout_loss": HELDOUT_LOSSES[self.epoch], "heldout_ppl": math.exp(
+            HELDOUT_LOSSES[self.epoch])})
+    config = tiny_config(epochs=3, max_train_batches=4, checkpoint_every=3, heldout_fraction=0.1,
+                         **OPTIMIZERS[optimizer], **SCHEDULES[schedule])
+    train(config, tmp_path / "straight")
+    crashing = Trainer(config, tmp_path / "cut")
+    crash_after_step(crashing, monkeypatch, 7)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    resumed = Trainer(config, tmp_path / "cut")
+    assert (resumed.epoch, resumed.batch_in_epoch) == (1, 2)   # after epoch 0's plateau step
+    resumed.fit()
+    for name in ("steps.jsonl", "epochs.jsonl"):
+        straight = read_jsonl(tmp_path / "straight" / "metrics" / name)
+        assert _stable(read_jsonl(tmp_path / "cut" / "metrics" / name)) == _stable(straight)
+    best = [load_checkpoint(tmp_path / run / "checkpoints" / "best.pt") for run in ("straight",
+                                                                                    "cut")]
+    assert best[0]["epoch"] == best[1]["epoch"] == 0   # the lowest held-out loss
+    assert all(torch.equal(best[0]["model"][k], v) for k, v in best[1]["model"].items())
+    lrs = [r["lr"] for r in straight]
+    cuts = {"constant": [1, 1, 1, 1], "cosine": None, "plateau": [1, 1, 1 / 4, 1 / 16]}[schedule]
+    if cuts:   # the lr each epoch ended with (a plateau cuts after it), then the last one
+        final = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+        lrs.append(final["optimizer"]["param_groups"][0]["lr"])
+        assert lrs == pytest.approx([config.train.lr * c for c in cuts])
+    else:
+        assert lrs[-1] == pytest.approx(0, abs=1e-12)   # cosine reaches 0 at the last step
+
+
+def test_the_warmup_raises_the_lr_linearly_to_its_value(tiny_config, tmp_path):
+    """The per-step lr (the hand-written warmup's rule, now torch's LinearLR)."""
+    train(tiny_config(epochs=1, physics=False, lr_warmup_steps=4, lr=2e-3), tmp_path / "run")
+    steps = read_jsonl(tmp_path / "run" / "metrics" / "steps.jsonl")
+    assert [s["lr"] for s in steps] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3, 2e-3, 2e-3])
