@@ -15,17 +15,24 @@
   embedding_pairs mode affine heads, V(e) = w.e + b and T(p) = -w.p, conserve E exactly for
   any network, so a relative drift target can be met without touching the network.
 - Learning: the final val loss is below the untrained model's (metrics/initial.json).
+- The count floor: the val PPL at the best epoch (chosen on the held-out split when the run
+  has one, physlm.rundata) is below that of the best count model (physlm.ngram: the lowest
+  of unigram, Kneser-Ney bigram and trigram, counted from the run's own train tokens and
+  scored on its validation tokens, metrics/references.json); "not evaluated" for a run
+  whose record predates the references.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from physlm.runs import RunData
 from physlm.sections import CONTROL_MAY_DIFFER
+from physlm.text import fmt
 
 MET, NOT_MET, NOT_EVALUATED = "met", "not met", "not evaluated"
 DEGENERATE, BETTER, FLAGGED = "degenerate", "better", "flagged: the control overfits"
@@ -102,6 +109,56 @@ def ppl_status(ratio: float | None, tolerance: float, control_overfits: bool) ->
     return NOT_MET if ratio > 1 else FLAGGED if control_overfits else BETTER
 
 
+# The count models of physlm.ngram, by their key in metrics/references.json.
+COUNT_MODELS = {"unigram": "add-one unigram", "kn_bigram": "Kneser-Ney bigram",
+                "kn_trigram": "Kneser-Ney trigram"}
+
+
+@dataclass
+class CountFloor:
+    """The best count model on a split: its name and perplexities (all, non-<unk> targets)."""
+
+    name: str
+    ppl: float
+    ppl_known: float
+    targets: int        # targets it was scored on
+
+
+def count_floor(references: dict[str, Any], split: str = "valid") -> CountFloor | None:
+    """The count model with the lowest all-target PPL on `split`; None without references."""
+    if split not in references:
+        return None
+    ppl = references[split]["ppl"]
+    best = min(ppl, key=lambda model: ppl[model]["all"])
+    return CountFloor(COUNT_MODELS.get(best, best), ppl[best]["all"], ppl[best]["known"],
+                 references[split]["targets"])
+
+
+def count_rows(references: dict[str, Any], split: str = "valid"
+               ) -> list[tuple[str, float, float]]:
+    """(count model, PPL over all targets, over the non-<unk> ones) on `split`."""
+    return [(COUNT_MODELS.get(model, model), ppl["all"], ppl["known"])
+            for model, ppl in references[split]["ppl"].items()]
+
+
+def floor_sentence(label: str, floor: CountFloor, best: float, final: float,
+                   best_at: str) -> str:
+    """Whether `label`'s val PPL at its best epoch (`best_at` says which) clears the count
+    floor, with its final one, as a sentence."""
+    verdict = "clears" if best < floor.ppl else "does not clear"
+    return (f"{label} {verdict} the {floor.name}: its val PPL {best_at}, {fmt(best, 'ppl')}, "
+            f"is {fmt(best / floor.ppl)} times the count model's {fmt(floor.ppl, 'ppl')}; at "
+            f"the end {fmt(final, 'ppl')}, {fmt(final / floor.ppl)} times.")
+
+
+def best_value(run: RunData | None, key: str) -> float | None:
+    """Field `key` of the run's best epoch (RunData.best_record); None where it has none."""
+    if run is None or run.epochs.empty or key not in run.epochs:
+        return None
+    value = run.best_record()[key]
+    return None if pd.isna(value) else float(value)
+
+
 def final_value(run: RunData | None, key: str) -> float | None:
     has = run is not None and not run.epochs.empty and key in run.epochs
     return float(run.epochs[key].iloc[-1]) if has else None
@@ -153,6 +210,13 @@ class Summary:
     tolerance: float
     initial_val_loss: float | None    # the untrained model's
     learned: bool | None
+    # The best epoch's split, and the count floor (None: the record predates references).
+    selected_on: str                  # "held-out" or "validation"
+    count_floor: CountFloor | None
+    final_val_ppl_known: float | None  # over the targets that are not <unk>
+    best_val_ppl_known: float | None
+    count_ratio: float | None         # the best epoch's val PPL over the count floor's
+    count_status: str
     # Robustness.
     skipped: int
     max_consecutive_skipped: int
@@ -192,6 +256,8 @@ def summarize(run: RunData, control: RunData | None) -> Summary:
              if len(settled) and "energy_grad_norm" in settled else None)
     initial = run.initial.get("val_loss")
     final_loss = final_value(run, "val_loss")
+    counted = count_floor(run.references)
+    count_ratio = best / counted.ppl if counted and best is not None else None
     return Summary(
         epochs_done=len(run.epochs), epochs_planned=c.train.epochs, target=target,
         drift_mean=drift_mean, drift_max=drift_max, drift_steps=len(energy),
@@ -214,7 +280,10 @@ def summarize(run: RunData, control: RunData | None) -> Summary:
         final_status=ppl_status(final_ratio, tolerance, overfits),
         best_status=ppl_status(best_ratio, tolerance, overfits), tolerance=tolerance,
         initial_val_loss=initial, learned=None if initial is None or final_loss is None
-        else final_loss < initial,
+        else final_loss < initial, selected_on=run.selected_on, count_floor=counted,
+        final_val_ppl_known=final_value(run, "val_ppl_known"),
+        best_val_ppl_known=best_value(run, "val_ppl_known"), count_ratio=count_ratio,
+        count_status=STATUS[None if count_ratio is None else count_ratio < 1],
         skipped=int(skipped.sum()), max_consecutive_skipped=max_consecutive(skipped),
         skipped_steps=steps.loc[skipped, "step"].astype(int).tolist(),
         grad_norm=[steps.loc[~skipped, "grad_norm"].agg(f) for f in ("mean", "max")]
@@ -245,5 +314,7 @@ def criteria_table(run: RunData, s: Summary) -> pd.DataFrame:
         ("Best val PPL vs the control's best", s.best_ratio, f"ratio {band}", s.best_status),
         ("Val loss below the untrained model's", s.final_val_loss,
          "< " + ("n/a" if s.initial_val_loss is None else f"{s.initial_val_loss:.4f}"),
-         STATUS[s.learned])]
+         STATUS[s.learned]),
+        ("Best-epoch val PPL below the best count model's", s.count_ratio, "ratio < 1",
+         s.count_status)]
     return pd.DataFrame(rows, columns=["Criterion", "Value", "Threshold", "Status"])

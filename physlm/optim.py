@@ -54,6 +54,9 @@ from physlm.config import TrainConfig
 from physlm.values import ConfigError
 
 PLATEAU_FACTOR = 0.25   # word_language_model: lr /= 4.0
+# The optimizers as the reports name them.
+OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD",
+                   "symplectic": "conformal symplectic (relativistic gradient descent)"}
 
 
 class ConformalSymplectic(torch.optim.Optimizer):

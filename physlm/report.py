@@ -18,7 +18,18 @@ import pandas as pd
 import physlm
 from physlm import plots
 from physlm.config import REPORTS_ROOT, Config
-from physlm.criteria import STATUS, Summary, criteria_table, final_value, heads_table, summarize
+from physlm.criteria import (
+    STATUS,
+    Summary,
+    best_value,
+    count_rows,
+    criteria_table,
+    final_value,
+    floor_sentence,
+    heads_table,
+    summarize,
+)
+from physlm.optim import OPTIMIZER_NAMES
 from physlm.provenance import git_commit
 from physlm.runs import RunData, find_control, load_run
 from physlm.text import NA, Table, environment, fmt, portable, rows
@@ -37,7 +48,11 @@ COLUMNS = {"Phase": ("phase", None), "Train loss": ("train_loss", "loss"),
            "Energy steps": ("energy_steps", None), "Time (s)": ("time_s", "time"),
            "Tokens/s": ("tokens_per_s", "count"), "Clip factor (LM)": ("clip_factor", None),
            "LM grad norm": ("lm_grad_norm", None),
-           "Energy grad norm": ("energy_grad_norm", None)}
+           "Energy grad norm": ("energy_grad_norm", None),
+           "Val PPL (non-<unk>)": ("val_ppl_known", "ppl"),
+           "Held-out loss": ("heldout_loss", "loss"), "Held-out PPL": ("heldout_ppl", "ppl")}
+# Columns of runs trained since they were logged, left out of older runs' tables.
+LOGGED_LATER = ("Val PPL (non-<unk>)", "Held-out loss", "Held-out PPL")
 # The kinds of the report's numbers, by column title or, in a Metric table, by row title.
 KINDS = {**{title: kind for title, (_, kind) in COLUMNS.items() if kind},
          "Best val PPL": "ppl", "Tokens/s (phase mean)": "count",
@@ -50,16 +65,51 @@ def epoch_table(rows: pd.DataFrame, *titles: str) -> pd.DataFrame:
                          **{title: rows.get(COLUMNS[title][0]) for title in titles}})
 
 
+def _logged(run: RunData) -> list[str]:
+    """The LOGGED_LATER columns this run's records have."""
+    return [title for title in LOGGED_LATER if COLUMNS[title][0] in run.epochs]
+
+
 def warmup_table(run: RunData) -> pd.DataFrame:
     return epoch_table(run.phase("warmup"), "Train loss", "Val loss", "Val PPL",
-                       "Val PPL (batch mean)", "Time (s)", "Tokens/s")
+                       "Val PPL (batch mean)", *_logged(run), "Time (s)", "Tokens/s")
 
 
 def physics_table(run: RunData) -> pd.DataFrame:
     return epoch_table(run.phase("physics"), "Train loss", "LM loss", "Energy loss (weighted)",
                        "Energy MSE (raw)", "Val loss", "Val loss (batch mean)", "Val PPL",
-                       "Val PPL (batch mean)", "Lambda", "Drift", "LM grad norm",
+                       "Val PPL (batch mean)", *_logged(run), "Lambda", "Drift", "LM grad norm",
                        "Energy grad norm", "Clip factor (LM)", "Time (s)", "Tokens/s")
+
+
+def references_table(run: RunData, control: RunData | None, s: Summary,
+                     title: str) -> Table | None:
+    """The count models' val PPL (physlm.ngram), then the run's and the control's, final and
+    at the best epoch, each over the best count model's; None without references."""
+    if s.count_floor is None:
+        return None
+    rows = count_rows(run.references)
+    for label, data in ((title, run), ("control", control)):
+        if data is not None and not data.epochs.empty:
+            rows += [(f"{label}, final", final_value(data, "val_ppl"),
+                      final_value(data, "val_ppl_known")),
+                     (f"{label}, best epoch ({data.best_epoch()[1]})",
+                      best_value(data, "val_ppl"), best_value(data, "val_ppl_known"))]
+    frame = pd.DataFrame(rows, columns=["Model", "Val PPL", "Val PPL (non-<unk>)"])
+    frame["Ratio to the best count model"] = frame["Val PPL"] / s.count_floor.ppl
+    return Table(frame, KINDS)
+
+
+def count_sentences(run: RunData, control: RunData | None, s: Summary, title: str) -> list[str]:
+    """For the run and the control: does its val PPL, at its best epoch and at the end,
+    clear the best count model?"""
+    if s.count_floor is None:
+        return []
+    return [floor_sentence(label, s.count_floor, data.best_epoch()[0],
+                           final_value(data, "val_ppl"),
+                           f"at its best epoch ({data.best_epoch()[1]})")
+            for label, data in ((f"Run `{title}`", run), ("The control", control))
+            if data is not None and not data.epochs.empty]
 
 
 def energy_progression_table(run: RunData) -> pd.DataFrame:
@@ -129,6 +179,8 @@ class ReportData:
     lambdas: Table
     layers_equal: bool               # every layer's multiplier the same at the end
     final: Table | None              # None: no control
+    references: Table | None         # the count models and the run against them (None: none)
+    count_sentences: list[str]
     criteria: Table
     phases: Table
     robustness: Table
@@ -172,7 +224,8 @@ def report_data(run: RunData, control: RunData | None, figures: dict[str, Path],
         model=rows(settings({"Parameters (total)": params.get("total"),
                              "Parameters (trained by the optimizer)": params.get("trainable"),
                              "Vocabulary size": env.get("vocab_size")}, c.model)),
-        training=rows(settings({"Optimizer": "AdamW", "Device used": env.get("device"),
+        training=rows(settings({"Optimizer": OPTIMIZER_NAMES[c.train.optimizer],
+                                "Device used": env.get("device"),
                                 "Physics from epoch (1-based)": c.warmup_epochs + 1
                                 if c.trains_with_physics else None}, c.train, c.physics)),
         dataset=rows(settings({"Source": source, "Vocabulary size": env.get("vocab_size"),
@@ -209,6 +262,8 @@ def report_data(run: RunData, control: RunData | None, figures: dict[str, Path],
                                      final_value(control, "val_ppl_batch_mean")],
             "Best val PPL": [s.best_val_ppl, s.control_best_val_ppl],
             "Best epoch": [s.best_epoch, s.control_best_epoch]}), KINDS),
+        references=references_table(run, control, s, title),
+        count_sentences=count_sentences(run, control, s, title),
         criteria=Table(criteria_table(run, s)),
         phases=Table(phase_comparison_table(run, control), KINDS),
         robustness=rows({

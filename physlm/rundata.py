@@ -50,10 +50,14 @@ class RunData:
         """The split the best epoch is chosen on: "held-out" or "validation"."""
         return "held-out" if selection_key(self.epochs) == HELDOUT_KEY else "validation"
 
+    def best_record(self) -> pd.Series:
+        """The record of the best finished epoch: the lowest held-out PPL when the run has a
+        held-out split, else the lowest val PPL (`selection_key`)."""
+        return self.epochs.loc[self.epochs[selection_key(self.epochs)].astype(float).idxmin()]
+
     def best_epoch(self) -> tuple[float, int]:
-        """(val PPL, 1-based epoch) of the best finished epoch: the lowest held-out PPL when
-        the run has a held-out split, else the lowest val PPL (`selection_key`)."""
-        best = self.epochs.loc[self.epochs[selection_key(self.epochs)].astype(float).idxmin()]
+        """(val PPL, 1-based epoch) of `best_record`: the early-stopped validation figure."""
+        best = self.best_record()
         return float(best["val_ppl"]), int(best["epoch"]) + 1
 
     def phase(self, name: str) -> pd.DataFrame:

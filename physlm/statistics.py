@@ -1,7 +1,8 @@
 """Statistics over seeds: a study's runs as numbers, and paired differences.
 
 For variant v and seed s, d_s = PPL_v,s - PPL_control,s (validation perplexity at the
-final epoch, and at each run's best epoch). Over n seeds the mean difference gets a
+final epoch, and at each run's best epoch: chosen on its held-out split when it has one,
+physlm.rundata). Over n seeds the mean difference gets a
 paired-t 95% interval, mean +- t_{0.975, n-1} sd / sqrt(n). A difference "exceeds the seed
 spread" when its interval excludes 0.
 """
@@ -19,19 +20,26 @@ from physlm.runs import RunData
 def run_numbers(run: RunData) -> dict[str, float]:
     epochs = run.epochs
     best, best_epoch = run.best_epoch()
+    known = epochs.get("val_ppl_known", pd.Series(math.nan, index=epochs.index)).astype(float)
     return {"final": float(epochs["val_ppl"].iloc[-1]), "best": best, "best_epoch": best_epoch,
+            "final_known": float(known.iloc[-1]),
+            "best_known": float(known.loc[run.best_record().name]),
+            "selected_on": run.selected_on,
             "parameters": run.env.get("parameters", {}).get("total", math.nan),
             "tokens_per_s": float(epochs["tokens_per_s"].mean()),
             "finished": run.finished}
 
 
 def numbers(runs: dict[str, list[RunData]]) -> pd.DataFrame:
-    """One row per finished run: variant, seed, final and best val PPL, best epoch, size,
-    speed (an unfinished run is left out: its last epoch is not its final one)."""
+    """One row per finished run: variant, seed, final and best val PPL (over all targets, and
+    over the non-<unk> ones: NaN for runs trained before they were logged), best epoch and
+    the split it was chosen on, size, speed (an unfinished run is left out: its last epoch
+    is not its final one)."""
     return pd.DataFrame([{"variant": variant, "seed": run.config.train.seed, **run_numbers(run)}
                          for variant, seeds in runs.items() for run in seeds if run.finished],
-                        columns=["variant", "seed", "final", "best", "best_epoch", "parameters",
-                                 "tokens_per_s", "finished"])
+                        columns=["variant", "seed", "final", "best", "best_epoch", "final_known",
+                                 "best_known", "selected_on", "parameters", "tokens_per_s",
+                                 "finished"])
 
 
 def paired(frame: pd.DataFrame, variant: str, metric: str,

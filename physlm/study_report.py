@@ -1,4 +1,5 @@
-"""The study's report: every variant against the control, with its spread.
+"""The study's report: the operating point (every variant against the count references),
+then every variant against the control, with its spread.
 
 Every sentence of the conclusion is a template filled from one paired comparison
 (physlm.statistics), so none says more than the numbers.
@@ -13,7 +14,9 @@ import pandas as pd
 
 from physlm import history, plots
 from physlm.config import Config
+from physlm.criteria import CountFloor, count_floor, count_rows, floor_sentence
 from physlm.history import PPL_COLUMNS
+from physlm.optim import OPTIMIZER_NAMES
 from physlm.provenance import git_commit
 from physlm.runs import RunData
 from physlm.statistics import numbers, paired
@@ -31,7 +34,47 @@ from physlm.text import Table, environment, fmt, portable
 # The kinds of the numbers of the study's tables (physlm.text), beyond the perplexities'.
 KINDS = {**PPL_COLUMNS, "Val PPL (final, mean)": "ppl", "Val PPL (final, sd)": "ppl",
          "Parameters": "count", "Tokens/s (mean)": "count", "Relative to control": "change",
-         "vs control": "change"}
+         "vs control": "change", "Val PPL": "ppl", "Val PPL (non-<unk>)": "ppl",
+         "Early-stopped val PPL (mean)": "ppl", "Final val PPL (mean)": "ppl",
+         "Early-stopped, non-<unk> (mean)": "ppl"}
+
+
+def study_references(runs: dict[str, list[RunData]]) -> dict:
+    """The count references of the study's data: the control's (every variant trains on the
+    same data), else the first run's that has them; {} when no record has them."""
+    ordered = [*runs.get(CONTROL, []), *(r for seeds in runs.values() for r in seeds)]
+    return next((run.references for run in ordered if run.references), {})
+
+
+def operating_point(frame: pd.DataFrame, floor: CountFloor) -> pd.DataFrame:
+    """Per variant, means over seeds: the early-stopped and final val PPL, each over the best
+    count model's, and the split the best epochs were chosen on."""
+    grouped = frame.groupby("variant", sort=False)
+    best, final = grouped["best"].mean().to_numpy(), grouped["final"].mean().to_numpy()
+    return pd.DataFrame({
+        "Variant": list(grouped.groups), "Seeds": grouped.size().to_numpy(),
+        "Early-stopped val PPL (mean)": best, "Final val PPL (mean)": final,
+        "Early-stopped, non-<unk> (mean)": grouped["best_known"].mean().to_numpy(),
+        "Early-stopped / best count model": best / floor.ppl,
+        "Final / best count model": final / floor.ppl,
+        "Best epoch chosen on": grouped["selected_on"].agg(
+            lambda splits: ", ".join(sorted(set(splits)))).to_numpy()})
+
+
+def floor_sentences(point: pd.DataFrame, floor: CountFloor) -> list[str]:
+    """A sentence for each variant that does not clear the best count model at its
+    early-stopped epoch, then one naming those that do."""
+    below = point["Early-stopped val PPL (mean)"] < floor.ppl
+    sentences = [floor_sentence(VARIANTS.get(row["Variant"], row["Variant"]), floor,
+                                row["Early-stopped val PPL (mean)"],
+                                row["Final val PPL (mean)"],
+                                f"at its early-stopped epoch (mean over {row['Seeds']} seeds)")
+                 for _, row in point[~below].iterrows()]
+    if below.any():
+        sentences.append(f"{', '.join(point.loc[below, 'Variant'])} clear"
+                         f"{'s' * (below.sum() == 1)} the {floor.name} at the early-stopped "
+                         "epoch (mean over seeds).")
+    return sentences
 
 
 def study_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -132,6 +175,9 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
     out = Path(options.report_dir)
     (out / options.name).mkdir(parents=True, exist_ok=True)
     frame = numbers(runs)
+    references = study_references(runs)
+    floor = count_floor(references)
+    point = operating_point(frame, floor) if floor else None
     figure = out / options.name / "val_ppl.png"
     curves_figure(runs).savefig(figure, dpi=plots.DPI)
     configs: dict[str, Config] = {v: seeds[0].config for v, seeds in runs.items() if seeds}
@@ -141,6 +187,16 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
                                                    runs.get(CONTROL, []))
     text = environment().get_template("study.md.j2").render(
         o=options, configs=configs, frame=frame, summary=Table(study_table(frame), KINDS),
+        floor=floor, same_targets=floor is not None and all(
+            int(r.epochs["val_tokens"].iloc[-1]) == floor.targets
+            for seeds in runs.values() for r in seeds if len(r.epochs)),
+        counts=Table(pd.DataFrame(count_rows(references) if floor else [],
+                                               columns=["Model", "Val PPL",
+                                                        "Val PPL (non-<unk>)"]), KINDS),
+        point=None if point is None else Table(point, KINDS),
+        floor_sentences=[] if point is None else floor_sentences(point, floor),
+        selection=" and ".join(sorted(set(frame["selected_on"]))) or "n/a",
+        optimizer_names=OPTIMIZER_NAMES,
         comparisons=Table(comparisons(frame), KINDS), phases=Table(phase_table(frame), KINDS),
         conclusion=conclusion(frame), phase_names=VARIANTS, control=CONTROL,
         unfinished=missing_runs(options, frame) + missing_ablation(options, ablation),

@@ -35,8 +35,8 @@ TINY = {"dataset": "fixture", "d_model": 16, "n_layers": 2, "n_seq": 16, "vocab_
 HEADINGS = ["# physlm report: run", "## Summary", "## Model configuration",
             "## Training configuration", "## Dataset", "## Warmup epochs", "## Physics epochs",
             "## Energy conservation", "## Energy-loss progression", "## Lambda evolution",
-            "## Final results vs. control", "## Success criteria", "## Phase comparison",
-            "## Robustness", "## Plots", "## Provenance"]
+            "## Final results vs. control", "## Against count references", "## Success criteria",
+            "## Phase comparison", "## Robustness", "## Plots", "## Provenance"]
 FIGURES = ["energy_drift", "lambda", "losses", "perplexity", "time", "gradients"]
 
 
@@ -261,6 +261,41 @@ def test_learning_is_judged_against_the_untrained_model(run_dir: Path, tmp_path:
     edit_epochs(copy, val_loss=initial + 1)
     assert criteria(render(copy))["Val loss below the untrained model's"] == \
         criteria_module.NOT_MET
+
+
+COUNT_FLOOR = "Best-epoch val PPL below the best count model's"
+
+
+def test_the_count_references_are_a_floor_that_can_fail(run_dir: Path, tmp_path: Path) -> None:
+    """The run against the count models of its own data (metrics/references.json): not met
+    for a tiny model, met once the count models are made worse, n/a without references."""
+    text = render(run_dir)
+    rows = tables(section(text, "Against count references"))[0]
+    stored = json.loads((run_dir / "metrics" / "references.json").read_text())["valid"]["ppl"]
+    floor = min(ppl["all"] for ppl in stored.values())
+    assert [row["Model"] for row in rows[:3]] == ["add-one unigram", "Kneser-Ney bigram",
+                                                  "Kneser-Ney trigram"]
+    best = load_run(run_dir).best_epoch()
+    run_best = next(row for row in rows if row["Model"] == f"run, best epoch ({best[1]})")
+    assert close(run_best["Ratio to the best count model"], best[0] / floor)
+    assert close(run_best["Val PPL (non-<unk>)"], load_run(run_dir).best_record()["val_ppl_known"])
+    assert criteria(text)[COUNT_FLOOR] == criteria_module.NOT_MET
+    assert "Run `run` does not clear the" in text and "The control does not clear the" in text
+    assert "Val PPL (non-<unk>)" in section(text, "Warmup epochs")
+
+    copy = copy_run(run_dir, tmp_path / "run")
+    path = copy / "metrics" / "references.json"
+    worse = json.loads(path.read_text())
+    for ppl in worse["valid"]["ppl"].values():
+        ppl.update(all=ppl["all"] * 1e3, known=ppl["known"] * 1e3)
+    path.write_text(json.dumps(worse))
+    text = render(copy)
+    assert criteria(text)[COUNT_FLOOR] == criteria_module.MET
+    assert "Run `run` clears the" in text
+    path.unlink()   # a record made before runs stored references
+    text = render(copy)
+    assert criteria(text)[COUNT_FLOOR] == criteria_module.NOT_EVALUATED
+    assert "No count references" in section(text, "Against count references")
 
 
 def test_missing_control_means_no_baseline(run_dir: Path, tmp_path: Path) -> None:

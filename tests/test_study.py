@@ -110,7 +110,8 @@ def test_a_tiny_study_runs_every_variant_and_reports_them(tmp_path):
     assert reference_steps[:3] == control_steps[:3]            # the shared warmup
     path = study_report.write_study_report(options, runs)
     text = path.read_text()
-    for heading in ("## Conclusion", "## Results by variant", "## Paired differences",
+    for heading in ("## Operating point", "## Conclusion", "## Results by variant",
+                    "## Paired differences",
                     "## Comparison with previous phases", "## Phase 2: the Koopman layer",
                     "## Ablation", "## The replica against the original", "## Variants",
                     "## Provenance"):
@@ -127,6 +128,30 @@ def test_a_tiny_study_runs_every_variant_and_reports_them(tmp_path):
     assert all(Path(p).read_text() == text for p, text in before.items())
 
 
+def test_the_report_opens_with_the_operating_point(tmp_path):
+    """Every variant's early-stopped (held-out best epoch) and final val PPL against the count
+    references of the runs' own data; records without references still render."""
+    overrides = {**tiny_study(tmp_path).overrides, "heldout_fraction": 0.1}
+    options = tiny_study(tmp_path, variants=["control", "lstm"], seeds=[0, 1], workers=1,
+                         overrides=overrides)
+    runs = study.run_study(options)
+    frame = statistics.numbers(runs)
+    assert set(frame["selected_on"]) == {"held-out"} and frame["best_known"].notna().all()
+    text = study_report.write_study_report(options, runs).read_text()
+    assert text.index("## Operating point") < text.index("## Conclusion")
+    floor = min(ppl["all"] for ppl in runs["control"][0].references["valid"]["ppl"].values())
+    point = study_report.operating_point(frame, study_report.count_floor(
+        runs["control"][0].references))
+    assert point["Early-stopped / best count model"].tolist() == pytest.approx(
+        (frame.groupby("variant", sort=False)["best"].mean() / floor).tolist())
+    assert "| Kneser-Ney trigram |" in text and "chosen on the held-out split" in text
+    assert text.count("does not clear the Kneser-Ney") == 2   # tiny models, 2 epochs
+    for run in (r for seeds in runs.values() for r in seeds):  # records made before them
+        run.references.clear()
+    text = study_report.write_study_report(options, runs).read_text()
+    assert "Count references are not available" in text and "| Kneser-Ney" not in text
+
+
 def test_records_let_a_fresh_machine_reuse_finished_runs(tmp_path, monkeypatch):
     """A study's finished runs are saved as records (no checkpoints) and restored on a machine
     whose runs/ is gone, so nothing is trained twice; a record of other settings is not."""
@@ -136,8 +161,8 @@ def test_records_let_a_fresh_machine_reuse_finished_runs(tmp_path, monkeypatch):
     trained = study.run_study(options)
     saved = {p.relative_to(records).as_posix() for p in records.rglob("*") if p.is_file()}
     assert saved == {f"{v}/s0/{f}" for v in ("control", "physics_reference") for f in (
-        "config.yaml", "env.json", "metrics/initial.json", "metrics/steps.jsonl",
-        "metrics/epochs.jsonl")}
+        "config.yaml", "env.json", "metrics/initial.json", "metrics/references.json",
+        "metrics/steps.jsonl", "metrics/epochs.jsonl")}
 
     shutil.rmtree(tmp_path / "runs")                               # a fresh machine
     submitted: list = []
