@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from physlm.errors import ConfigError
 from physlm.values import parse_options, read_params_file
 
 OBJECTIVE = "heldout_loss"   # the epoch record's field a trial is scored on
+# Every trial's own settings: its validation figures are never used, so one batch of it.
+TRIAL = {"progress": False, "max_eval_batches": 1}
 
 
 @dataclass
@@ -79,7 +82,9 @@ def load_search(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
             raise ConfigError(f"{path}: {key} must be >= 1, got {getattr(spec, key)}")
     for key, entry in spec.space.items():
         _check_entry(path, key, entry, spec.space)
-    trial_config(spec, {})                      # the base recipe itself must be valid
+    if trial_config(spec, {}).data.heldout_fraction == 0:   # and the base recipe is valid
+        raise ConfigError(f"{path}: trials are scored on held-out lines: set heldout_fraction "
+                          "> 0 in its data_params, params or fixed settings")
     return spec
 
 
@@ -130,7 +135,7 @@ def trial_config(spec: SearchSpec, settings: dict[str, Any], number: int = 0) ->
     """The run of one trial: data params <- the recipe <- fixed settings <- the draw."""
     data = read_params_file(spec.data_params) if spec.data_params else {}
     return from_flat({**data, **read_params_file(spec.params), **spec.fixed, **settings,
-                      "epochs": spec.epochs, "seed": spec.seed, "progress": False,
+                      **TRIAL, "epochs": spec.epochs, "seed": spec.seed,
                       "name": f"{spec.name}-trial-{number}"})
 
 
@@ -145,9 +150,11 @@ def sampler(spec: SearchSpec, trial_number: int) -> optuna.samplers.TPESampler:
     """The sampler of one trial, seeded by the search's seed and the trial's number: TPE keeps
     nothing but its random state between trials (the history is in the storage), so a driver
     restarted after a crash draws what an uninterrupted one would have drawn."""
-    return optuna.samplers.TPESampler(seed=spec.seed * 100_003 + trial_number,
-                                      n_startup_trials=spec.startup_trials, multivariate=True,
-                                      group=True)
+    with warnings.catch_warnings():   # `group` is marked experimental; it is what we want
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=spec.seed * 100_003 + trial_number,
+                                          n_startup_trials=spec.startup_trials,
+                                          multivariate=True, group=True)
 
 
 def open_study(spec: SearchSpec) -> optuna.Study:

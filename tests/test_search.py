@@ -45,6 +45,7 @@ class InlineExecutor(Executor):
 
 
 def write_search(folder: Path, **overrides) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "data.yaml").write_text(yaml.safe_dump(DATA))
     (folder / "model.yaml").write_text(yaml.safe_dump({"energy_penalty": False}))
     values = {"name": "tiny", "params": str(folder / "model.yaml"),
@@ -68,6 +69,7 @@ def write_search(folder: Path, **overrides) -> Path:
      r"\['adam'\] are not choices of optimizer"),
     ({"trails": 3}, "did you mean 'trials'"),
     ({"fixed": {"epoch": 2}}, "did you mean 'epochs'"),
+    ({"fixed": {"heldout_fraction": 0.0}}, "set heldout_fraction > 0"),
 ])
 def test_a_bad_search_file_is_one_clear_error(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
@@ -98,6 +100,7 @@ def test_a_three_trial_search_scores_each_trial_on_its_held_out_loss(tmp_path):
         if trial.state == optuna.trial.TrialState.COMPLETE:
             assert trial.value == pytest.approx(min(heldout)) and len(heldout) == spec.epochs
         assert run.config.to_flat()["optimizer"] == trial.params["optimizer"]
+        assert run.env["valid_batches"] == 1   # validation cut to one batch: never used
     # The storage is the search: a second driver finds every trial done and trains nothing.
     again = search.run_search(spec, InlineExecutor(crash_after=0))
     assert [t.value for t in again.trials] == [t.value for t in study.trials]
