@@ -18,7 +18,7 @@ LAYERS = (
     ("runs", ("data", "ngram", "checkpoint", "lock", "provenance", "rundata", "runs", "evaluation",
               "trainer", "pool", "generate")),
     ("analysis", ("criteria", "plots", "statistics", "report", "history", "progress")),
-    ("workflows", ("study", "study_report", "pipeline")),
+    ("workflows", ("study", "study_report", "pipeline", "search", "search_report")),
     ("entry points", ("__main__", "colab")),
 )
 

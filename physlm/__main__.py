@@ -4,6 +4,7 @@
     python -m physlm report runs/x
     python -m physlm generate runs/x [--prompt "The castle"] [--tokens 40] [--seed 0]
     python -m physlm study  --params params/study_smoke.yaml [--set epochs=2] [--report-only]
+    python -m physlm search --params params/search_lstm.yaml [--set trials=40] [--report-only]
 
 The benchmarks are not part of the package: `python benchmarks/bench.py` (benchmarks/README.md).
 """
@@ -79,6 +80,16 @@ def _study(args: argparse.Namespace) -> None:
     print(study_report.write_study_report(options, runs))
 
 
+def _search(args: argparse.Namespace) -> None:
+    from physlm import pool, search, search_report
+
+    spec = search.load_search(args.params, dict(parse_assignment(t) for t in args.set))
+    if not args.report_only:
+        with pool.process_executor(spec.workers) as executor:
+            search.run_search(spec, executor)
+    print(search_report.write_search_report(spec, spec.report_dir))
+
+
 def _generate(args: argparse.Namespace) -> None:
     from physlm import generate
 
@@ -127,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="override one study setting (repeatable), e.g. epochs=2")
     study.add_argument("--report-only", action="store_true", help="report the runs that exist")
     study.set_defaults(handler=_study)
+
+    search = commands.add_parser("search", help="search a model's training recipe (Optuna)")
+    search.add_argument("--params", required=True, help="the search's YAML file")
+    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one search setting (repeatable), e.g. trials=40")
+    search.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the trials in the storage")
+    search.set_defaults(handler=_search)
 
     sampling = commands.add_parser(
         "generate", help="print the continuation of a prompt by a run's model",

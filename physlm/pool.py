@@ -63,6 +63,13 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+def process_executor(workers: int) -> ProcessPoolExecutor:
+    """`workers` fresh processes (spawned: no torch state shared with the parent), each with
+    its share of the cores as torch threads."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(threads_per_worker(workers),))
+
+
 def run_jobs(jobs: list[TrainJob], workers: int = 1) -> list[tuple[str, int, bool]]:
     """Run the jobs in the pool, in order, each as soon as a worker is free; a job that
     forks from another job's run waits for that job. A failing job does not stop the
@@ -73,9 +80,7 @@ def run_jobs(jobs: list[TrainJob], workers: int = 1) -> list[tuple[str, int, boo
     producers = {Path(job.run_dir).resolve() for job in jobs}
     done: set[Path] = set()
     start = time.perf_counter()
-    context = multiprocessing.get_context("spawn")   # no torch state shared with the parent
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(threads_per_worker(workers),)) as pool:
+    with process_executor(workers) as pool:
         running: dict[Future, TrainJob] = {}
         while waiting or running:
             for job in [j for j in waiting if _ready(j, producers, done)]:

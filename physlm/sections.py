@@ -83,7 +83,7 @@ class DataConfig:
     # that a recurrent model carries its state from one batch to the next (physlm.data).
     batching: Literal["shuffled", "stream"] = "shuffled"
     max_train_batches: int | None = None
-    max_eval_batches: int | None = setting(None, RESUMABLE)
+    max_eval_batches: int | None = setting(None, RESUMABLE)   # of validation; held-out: all
 
 
 @dataclass

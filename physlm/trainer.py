@@ -24,6 +24,7 @@ loop never waits for the device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -227,11 +228,14 @@ class Trainer:
                         self.rank, self.world, self._autocast)
 
     def evaluate_heldout(self) -> dict[str, float]:
-        """The held-out split's figures (`heldout_loss`, ...); none without one."""
+        """The held-out split's figures (`heldout_loss`, ...); none without one. Always all of
+        it: every choice is made on it, and it is small by construction (max_eval_batches
+        caps the validation split only: a recipe search's trials cut it to one batch)."""
         if self.corpus.heldout is None:
             return {}
-        return evaluate(self.model, self.corpus.heldout, self.config.data, self.device,
-                        self.rank, self.world, self._autocast, split=HELDOUT)
+        whole = dataclasses.replace(self.config.data, max_eval_batches=None)
+        return evaluate(self.model, self.corpus.heldout, whole, self.device, self.rank,
+                        self.world, self._autocast, split=HELDOUT)
 
     # ---------------------------------------------------------------- logging
     def _flush(self, window_start: float) -> None:

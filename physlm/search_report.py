@@ -1,0 +1,97 @@
+"""The report of a recipe search: its budget, every trial, the best ones, what mattered.
+
+Made from the search's storage alone (the SQLite file the driver writes), so it regenerates
+on any machine that has the file: trials (state, epochs trained, best held-out PPL, the
+recipe), the five best, the parameters' importances (Optuna's PED-ANOVA over the finished
+trials: the share of the held-out loss's variation each setting explains) and a figure of
+every trial's held-out PPL by epoch, pruned ones in grey.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from matplotlib.figure import Figure
+
+from physlm.files import atomic_write_text
+from physlm.provenance import git_commit
+from physlm.search import SearchSpec, open_study
+from physlm.text import Table, environment, portable
+
+BEST = 5           # trials in the table of the best
+STATES = {"COMPLETE": "finished", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
+
+
+def trial_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: its number, state, epochs, best held-out PPL and recipe."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        losses = list(trial.intermediate_values.values())
+        best = trial.value if trial.value is not None else min(losses, default=None)
+        rows.append({"Trial": trial.number, "State": STATES.get(trial.state.name, "?"),
+                     "Epochs": len(losses),
+                     "Best held-out PPL": math.exp(best) if best is not None else None,
+                     **json.loads(trial.user_attrs.get("settings", "{}"))})
+    frame = pd.DataFrame(rows)
+    return frame.sort_values("Best held-out PPL", na_position="last") if len(frame) else frame
+
+
+def importances(study: optuna.Study) -> pd.DataFrame:
+    """Setting -> importance (sums to 1), over the finished trials; empty below two."""
+    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(finished) < 2:
+        return pd.DataFrame(columns=["Setting", "Importance"])
+    shares = optuna.importance.get_param_importances(study)
+    return pd.DataFrame({"Setting": list(shares), "Importance": list(shares.values())})
+
+
+def curves_figure(study: optuna.Study) -> Figure:
+    """Held-out PPL by epoch for every trial: finished in colour, pruned and failed in grey."""
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    ax = figure.subplots()
+    best = study.best_trial.number if _has_best(study) else None
+    for trial in study.get_trials(deepcopy=False):
+        epochs = sorted(trial.intermediate_values)
+        ppl = [math.exp(trial.intermediate_values[e]) for e in epochs]
+        done = trial.state == optuna.trial.TrialState.COMPLETE
+        ax.plot([e + 1 for e in epochs], ppl, marker=".", lw=2.5 if trial.number == best else 1,
+                color=None if done else "0.75", zorder=3 if done else 1,
+                label=f"trial {trial.number} (best)" if trial.number == best else None)
+    ax.set(xlabel="epoch", ylabel="held-out PPL", yscale="log",
+           title=f"search {study.study_name}: held-out PPL by epoch")
+    if best is not None:
+        ax.legend()
+    return figure
+
+
+def _has_best(study: optuna.Study) -> bool:
+    return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials())
+
+
+def write_search_report(spec: SearchSpec, out_dir: str | Path) -> Path:
+    """reports/search_<name>.md and its figure, from the storage; returns the markdown's path."""
+    study = open_study(spec)
+    out = Path(out_dir)
+    figures = out / f"search_{spec.name}"
+    figures.mkdir(parents=True, exist_ok=True)
+    figure_path = figures / "heldout_ppl.png"
+    curves_figure(study).savefig(figure_path, dpi=110)
+    trials = trial_table(study)
+    recipe = [c for c in trials.columns if c not in ("Trial", "State", "Epochs",
+                                                     "Best held-out PPL")]
+    counts = trials["State"].value_counts().to_dict() if len(trials) else {}
+    text = environment().get_template("search.md.j2").render(
+        spec=spec, counts=counts, commit=git_commit(),
+        best=Table(trials.head(BEST), {"Best held-out PPL": "ppl"}),
+        trials=Table(trials, {"Best held-out PPL": "ppl"}), recipe=recipe,
+        importances=Table(importances(study), {"Importance": "fraction"}),
+        figure=figure_path.relative_to(out).as_posix(),
+        storage=portable(spec.storage_path), date=datetime.now(UTC).strftime("%Y-%m-%d"))
+    path = out / f"search_{spec.name}.md"
+    atomic_write_text(path, text)
+    return path
