@@ -75,6 +75,9 @@ class ModelConfig:
     bk_shift: Literal["fixed", "learned"] = "fixed"
     bk_coupling: Literal["fixed", "learned"] = "fixed"
     bk_readout: Literal["diagonal", "features"] = "diagonal"
+    # Learned shifts start geometric from gamma = 1 down to this (physlm.bk_features): the
+    # longest initial memory. Above the floor of a learned gamma, 0.01.
+    bk_gamma_init_min: float = 0.1
     moe_balance_weight: float = 0.0  # alpha of the Switch balancing term (ModelOutput)
     energy_heads: bool = True
     # Token and position embeddings ~ N(0, std^2): 1.0 is nn.Embedding's default, which the
@@ -220,6 +223,8 @@ class Config:
             (m.bk_gradient == "exact" or (m.bk_potentials, m.bk_shift, m.bk_coupling,
                                           m.bk_readout) == (1, "fixed", "fixed", "diagonal"),
              "bk_gradient: surrogate is the original's layer: it needs the default bk_* settings"),
+            (0.01 < m.bk_gamma_init_min <= 1, "bk_gamma_init_min must be in (0.01, 1] (above "
+             "the floor of a learned gamma, at most the reference shift)"),
             (m.moe_balance_weight >= 0, "moe_balance_weight must be >= 0"),
             (d.vocab_size >= 3, "vocab_size must be >= 3 (<pad>, <unk> and one word)"),
             (d.vocab_min_count >= 1, "vocab_min_count must be >= 1"),

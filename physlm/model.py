@@ -54,7 +54,8 @@ class BKLayer(nn.Module):
         self.features = nn.Linear(2 * d if resolved else 2 * potentials, d)
         self.scale = nn.Parameter(torch.ones(()))
         # Drawn after the reference layer's parameters, so its initial weights stay the same.
-        self.shift = SpectralShift(potentials) if config.bk_shift == "learned" else None
+        self.shift = (SpectralShift(potentials, config.bk_gamma_init_min)
+                      if config.bk_shift == "learned" else None)
         self.coupling = Coupling(d, potentials) if config.bk_coupling == "learned" else None
         self.signal = nn.Linear(d, d) if resolved else None
         self.causal = config.bk_mode == "causal"
