@@ -104,6 +104,29 @@ def test_a_variant_with_its_own_control_is_paired_and_forks_against_it(tmp_path,
         tiny_study(tmp_path, variants=["control", "physics_improved"])
 
 
+def test_the_report_names_a_variants_own_control_and_its_layer(tmp_path):
+    options = tiny_study(tmp_path, variants=["control", "improved", "physics_improved"],
+                         seeds=[0, 1])
+    for job in study.plan(options):                         # in this process: no pool
+        run_job(job)
+    text = study_report.write_study_report(options, study.load_study_runs(options)).read_text()
+    assert "Paired against a control of their own instead of the study's (column " \
+           '"Against"): physics_improved against improved.' in text
+    assert "| physics_improved | improved  | final" in text
+    assert ("Physics on the improved ResNet-BK, recommended recipe ends with a validation "
+            "perplexity") in text
+    assert "than its control, ResNet-BK, resolvent on the features (physics off) on" in text
+    assert ("BK layer of 4 potentials (learned shifts, fixed hopping, features readout), MoE "
+            "balance weight 0.01, embeddings initialised with std 0.02") in text
+    variants = section(text, "## Variants")
+    assert variants.count("BK layer of") == 2 and variants.count("embeddings initialised") == 2
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(heading + "\n")
+    return text[start:text.index("\n## ", start + 1)]
+
+
 def test_the_improved_variants_are_their_recipes():
     """improved is the control with the layer variant; physics_improved is improved with
     params/physics_recommended.yaml's recipe, and differs from it only there."""
