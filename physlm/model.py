@@ -14,7 +14,8 @@ math): P potentials Linear(D,P) (`bk_potentials`), each with a learned shift z_c
 (`bk_shift`) and an input-dependent hopping (`bk_coupling`); their diagonals read out through
 Linear(2P,D), or (`bk_readout: features`) the resolvent applied to u = Linear(D,D)(f), D/P
 features per potential, read out through Linear(2D,D). The MoE's Switch balancing term is
-returned apart from the LM loss (`moe_balance_weight`).
+returned apart from the LM loss (`moe_balance_weight`); training adds it as an auxiliary
+objective whose gradient joins the LM's (physlm.objectives).
 
 A pure language model: the physics (energy heads H_l = T_l + V_l and the
 multipliers lambda_l) is a separate module, physlm.physics.EnergyPenalty, that
