@@ -37,10 +37,11 @@ from torch.autograd.function import once_differentiable
 from physlm.bk_core import _linear_scan
 
 # Initial shifts of P learned potentials: gamma geometric from 1 (the reference z = i) down
-# to 0.1. The recurrence decays by |g| per site: at v = 0 (Re z at the band edge of H) 0.48 at
-# gamma = 1 and 0.80 at gamma = 0.1; at v = 2 (the band centre) 0.62 and 0.95: memories from
-# about one site to twenty.
-GAMMA_INIT = (1.0, 0.1)
+# to ModelConfig.bk_gamma_init_min (0.1 by default). The recurrence decays by |g| per site: at
+# v = 0 (Re z at the band edge of H) 0.48 at gamma = 1, 0.80 at gamma = 0.1; at v = 2 (the band
+# centre) |g| = (sqrt(gamma^2 + 4) - gamma) / 2: 0.62, 0.95 and 0.99 at gamma = 0.02: memories
+# from about one site to twenty (a hundred at 0.02).
+GAMMA_INIT_MAX = 1.0
 # Lower bound of a learned gamma: the resolvent's norm stays <= 100, finite in float32.
 GAMMA_FLOOR = 0.01
 # A learned hopping is t = COUPLING_MAX * sigmoid(logit): in (0, 2), 1 (the reference) at 0.
@@ -112,13 +113,15 @@ def resolve_features(u: Tensor, g: Tensor, hopping: Tensor | None, causal: bool 
 class SpectralShift(nn.Module):
     """z_c = i gamma_c per potential, gamma_c = GAMMA_FLOOR + softplus(rho_c) > 0, learned.
 
-    Initialised geometric from GAMMA_INIT[0] to GAMMA_INIT[1] over the P potentials (one
-    potential: gamma = 1, the reference shift)."""
+    Initialised geometric from GAMMA_INIT_MAX down to `lowest` (> GAMMA_FLOOR) over the P
+    potentials (one potential: gamma = 1, the reference shift)."""
 
-    def __init__(self, potentials: int) -> None:
+    def __init__(self, potentials: int, lowest: float) -> None:
         super().__init__()
-        high, low = GAMMA_INIT
-        gamma = high * (low / high) ** (torch.arange(potentials) / max(potentials - 1, 1))
+        if not GAMMA_FLOOR < lowest <= GAMMA_INIT_MAX:
+            raise ValueError(f"initial gamma {lowest} is not in ({GAMMA_FLOOR}, {GAMMA_INIT_MAX}]")
+        high = GAMMA_INIT_MAX
+        gamma = high * (lowest / high) ** (torch.arange(potentials) / max(potentials - 1, 1))
         self.rho = nn.Parameter(torch.log(torch.expm1(gamma - GAMMA_FLOOR)))
 
     @property

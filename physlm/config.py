@@ -80,7 +80,12 @@ class Config:
             (m.bk_gradient == "exact" or (m.bk_potentials, m.bk_shift, m.bk_coupling,
                                           m.bk_readout) == (1, "fixed", "fixed", "diagonal"),
              "bk_gradient: surrogate is the original's layer: it needs the default bk_* settings"),
+            (0.01 < m.bk_gamma_init_min <= 1, "bk_gamma_init_min must be in (0.01, 1] (above "
+             "the floor of a learned gamma, at most the reference shift)"),
             (m.moe_balance_weight >= 0, "moe_balance_weight must be >= 0"),
+            (m.architecture == "resnet_bk" or m.moe_balance_weight == 0,
+             f"moe_balance_weight > 0 needs architecture: resnet_bk, whose layers have experts "
+             f"(got {m.architecture})"),
             (d.vocab_size >= 3, "vocab_size must be >= 3 (<pad>, <unk> and one word)"),
             (d.vocab_min_count >= 1, "vocab_min_count must be >= 1"),
             (0 <= d.heldout_fraction < 1, "heldout_fraction must be in [0, 1) (0: none)"),

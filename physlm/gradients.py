@@ -2,8 +2,8 @@
 
 The step's gradient is the sum of the language-model and energy gradients,
 g = g_LM + g_E (g_E: the gradient of all the step's auxiliary objectives together,
-physlm.objectives: the energy penalty, the Koopman loss), and `clip_mode` decides how it
-is bounded (c = grad_clip):
+physlm.objectives: the energy penalty, the Koopman loss; the MoE balance joins g_LM), and
+`clip_mode` decides how it is bounded (c = grad_clip):
 
     total:     g <- (g_LM + g_E) * min(1, c / |g_LM + g_E|)                 (the reference)
     separate:  g <- g_LM * min(1, c / |g_LM|) + g_E * min(1, c / |g_E|)

@@ -6,6 +6,9 @@ epoch record (metrics/epochs.jsonl) is built from running sums of its steps
 (`EpochTotals`), which the checkpoint carries, so an epoch interrupted and
 resumed mid-way gives the same record as an uninterrupted one. Which fields an auxiliary
 objective adds, and how its epoch is summed up, is the objective's (physlm.objectives).
+A model with experts also logs the entropy of their load per layer (`load_entropy_per_layer`,
+physlm.moe.load_entropy: log E balanced, 0 collapsed), of each step's load and of the epoch's
+mean load.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from physlm.moe import load_entropy
 
 # Fields every step record has, whatever objectives ran: 0 where none computed them.
 STEP_DEFAULTS = {"energy_loss": 0.0}
@@ -120,6 +125,10 @@ class EpochTotals:
             "expert_load": [[value / self.steps for value in row]
                             for row in self.expert_load or []],
         }
+        if record["expert_load"] and record["expert_load"][0]:   # a mixture of experts
+            # Of the epoch's mean load: an expert that took tokens at some steps is not dead.
+            record["load_entropy_per_layer"] = load_entropy(
+                torch.tensor(record["expert_load"], dtype=torch.float64)).tolist()
         for objective in objectives:
             record.update(objective.epoch_fields(self.computed.get(objective.name, Sums())))
         return record

@@ -14,7 +14,8 @@ math): P potentials Linear(D,P) (`bk_potentials`), each with a learned shift z_c
 (`bk_shift`) and an input-dependent hopping (`bk_coupling`); their diagonals read out through
 Linear(2P,D), or (`bk_readout: features`) the resolvent applied to u = Linear(D,D)(f), D/P
 features per potential, read out through Linear(2D,D). The MoE's Switch balancing term is
-returned apart from the LM loss (`moe_balance_weight`).
+returned apart from the LM loss (`moe_balance_weight`); training adds it as an auxiliary
+objective whose gradient joins the LM's (physlm.objectives).
 
 A pure language model: the physics (energy heads H_l = T_l + V_l and the
 multipliers lambda_l) is a separate module, physlm.physics.EnergyPenalty, that
@@ -54,7 +55,8 @@ class BKLayer(nn.Module):
         self.features = nn.Linear(2 * d if resolved else 2 * potentials, d)
         self.scale = nn.Parameter(torch.ones(()))
         # Drawn after the reference layer's parameters, so its initial weights stay the same.
-        self.shift = SpectralShift(potentials) if config.bk_shift == "learned" else None
+        self.shift = (SpectralShift(potentials, config.bk_gamma_init_min)
+                      if config.bk_shift == "learned" else None)
         self.coupling = Coupling(d, potentials) if config.bk_coupling == "learned" else None
         self.signal = nn.Linear(d, d) if resolved else None
         self.causal = config.bk_mode == "causal"

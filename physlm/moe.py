@@ -107,4 +107,4 @@ def balance_score(load: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
 def load_entropy(load: torch.Tensor) -> torch.Tensor:
     """Entropy of the expert load over the last dim, in nats, e.g. (L, E) -> (L,): log E when
     every expert takes the same share, 0 when one expert takes every token."""
-    return -torch.special.xlogy(load, load).sum(-1)
+    return 0.0 - torch.special.xlogy(load, load).sum(-1)   # +0, not -0, when collapsed

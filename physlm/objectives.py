@@ -6,7 +6,8 @@ An objective is one object, and the trainer asks every objective the same things
 
     term(out, batch_size, physics)   this step's Term: its loss (in the graph), its statistics
                                      (named as in the step record), whether its gradient is
-                                     clipped apart from the LM's; None on a step without it
+                                     clipped apart from the LM's or joins it; None on a step
+                                     without it
     after_step(stats, skipped, ...)  after the optimizer step: its hook (the multiplier
                                      controller) and its step-record fields
     epoch_fields(sums)               its epoch-record fields, from the running sums of its
@@ -17,9 +18,11 @@ An objective is one object, and the trainer asks every objective the same things
 `physics` says whether the epoch is a physics epoch (Config.is_physics_epoch); an
 objective of every epoch ignores it. The gradient of all the step's terms together, g_E, is
 taken apart from the LM's and clipped on its own when any of them asks (`clip_apart`), with
-the LM's otherwise (physlm.gradients). `after_step` receives the statistics averaged over
-processes (physlm.distributed), or None when it had no term this step. A new objective is
-one more class here and one line in `build_objectives`.
+the LM's otherwise (physlm.gradients). A term that is part of the LM's own recipe rather than
+a constraint on it (`joins_lm`: the MoE balance) is added to the LM loss before its backward
+instead, so its gradient is g_LM's, whatever the other terms ask. `after_step` receives the
+statistics averaged over processes (physlm.distributed), or None when it had no term this
+step. A new objective is one more class here and one line in `build_objectives`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import nn
 from physlm.config import Config
 from physlm.koopman import Koopman
 from physlm.metrics import Sums
-from physlm.model import ModelOutput
+from physlm.model import ModelOutput, ResNetBK
 from physlm.physics import EnergyPenalty
 
 
@@ -44,6 +47,7 @@ class Term:
     loss: torch.Tensor              # scalar, in the graph, weighted as it enters the loss
     stats: dict[str, torch.Tensor]  # detached, per process, named as in the step record
     clip_apart: bool                # its gradient is clipped on its own, not with the LM's
+    joins_lm: bool = False          # its gradient is part of the LM's (never in g_E)
 
 
 class Objective:
@@ -196,6 +200,24 @@ class KoopmanObjective(Objective):
                 "koopman_spectral_radius": self.koopman.spectral_radius()}
 
 
+class BalanceObjective(Objective):
+    """The Switch Transformer's load-balancing term of the MoE routers (physlm.moe,
+    ModelOutput.balance_loss: moe_balance_weight * E sum_e f_e P_e, averaged over the layers),
+    in every epoch. Part of the LM's recipe, as in the Switch Transformer: its gradient joins
+    the LM's and is clipped with it, also on physics steps whose energy is clipped apart."""
+
+    name = "balance"
+    averaged = ("balance_loss",)
+
+    def term(self, out: ModelOutput, batch_size: int, physics: bool) -> Term | None:
+        if out.balance_loss is None:
+            return None
+        return Term(out.balance_loss, {}, clip_apart=False, joins_lm=True)
+
+    def epoch_fields(self, sums: Sums) -> dict[str, Any]:
+        return {"train_balance_loss": sums.mean("balance_loss")}
+
+
 def build_objectives(config: Config, model: nn.Module,
                      penalty: EnergyPenalty | None) -> list[Objective]:
     """The run's auxiliary objectives, in the order their losses are added."""
@@ -204,4 +226,6 @@ def build_objectives(config: Config, model: nn.Module,
         objectives.append(EnergyObjective(penalty, config))
     if getattr(model, "koopman", None) is not None:
         objectives.append(KoopmanObjective(model.koopman, config))
+    if isinstance(model, ResNetBK) and config.model.moe_balance_weight > 0:
+        objectives.append(BalanceObjective())
     return objectives

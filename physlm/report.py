@@ -6,6 +6,7 @@ absolute path enters a report: files by name and checksum, directories relative.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pandas as pd
+import torch
 
 import physlm
 from physlm import plots
@@ -29,6 +31,7 @@ from physlm.criteria import (
     heads_table,
     summarize,
 )
+from physlm.moe import load_entropy
 from physlm.optim import OPTIMIZER_NAMES
 from physlm.provenance import git_commit
 from physlm.runs import RunData, find_control, load_run
@@ -146,6 +149,17 @@ def phase_comparison_table(run: RunData, control: RunData | None) -> pd.DataFram
     return table
 
 
+def router_table(load: list[list[float]]) -> pd.DataFrame:
+    """Each layer's token share per expert at the last epoch and its entropy (physlm.moe:
+    log E when balanced, 0 when one expert takes every token): a dead expert shows."""
+    table = pd.DataFrame(load, index=pd.RangeIndex(1, len(load) + 1, name="Layer")).rename(
+        columns=lambda expert: f"Expert {expert + 1}")
+    if len(load) and len(load[0]):
+        entropy = load_entropy(torch.tensor(load, dtype=torch.float64))
+        table[f"Load entropy (of {math.log(len(load[0])):.3f})"] = entropy.tolist()
+    return table.reset_index()
+
+
 def settings(*parts: Any) -> dict[str, Any]:
     """Setting -> value from dicts and config sections (paths made portable)."""
     return {k: portable(v) if k.endswith(("_dir", "_file")) and v else v for part in parts
@@ -207,8 +221,7 @@ def report_data(run: RunData, control: RunData | None, figures: dict[str, Path],
     params = env.get("parameters", {})
     source = re.sub(r"(?<!\S)/\S*/", "", env.get("data_source", NA))   # absolute: names only
     load = run.epochs["expert_load"].iloc[-1] if len(run.epochs.get("expert_load", [])) else []
-    router = pd.DataFrame(load, index=pd.RangeIndex(1, len(load) + 1, name="Layer")).rename(
-        columns=lambda expert: f"Expert {expert + 1}").reset_index()  # token share per expert
+    router = router_table(load)
     progression = energy_progression_table(run)
     logged = len(progression) and progression["Energy MSE (raw)"].notna().all()
     steps = run.steps
@@ -220,7 +233,7 @@ def report_data(run: RunData, control: RunData | None, figures: dict[str, Path],
     return ReportData(
         title=title, run=run, control=control, c=c, s=s, source=source,
         warmup_epochs=len(run.phase("warmup")), physics_epochs=len(run.phase("physics")),
-        router=Table(router, {f"Expert {i + 1}": "fraction" for i in range(len(router.columns))}),
+        router=Table(router, {title: "fraction" for title in router.columns[1:]}),
         model=rows(settings({"Parameters (total)": params.get("total"),
                              "Parameters (trained by the optimizer)": params.get("trainable"),
                              "Vocabulary size": env.get("vocab_size")}, c.model)),

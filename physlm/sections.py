@@ -57,6 +57,9 @@ class ModelConfig:
     bk_shift: Literal["fixed", "learned"] = "fixed"
     bk_coupling: Literal["fixed", "learned"] = "fixed"
     bk_readout: Literal["diagonal", "features"] = "diagonal"
+    # Learned shifts start geometric from gamma = 1 down to this (physlm.bk_features): the
+    # longest initial memory. Above the floor of a learned gamma, 0.01.
+    bk_gamma_init_min: float = 0.1
     moe_balance_weight: float = 0.0  # alpha of the Switch balancing term (ModelOutput)
     energy_heads: bool = True
     # Token and position embeddings ~ N(0, std^2): 1.0 is nn.Embedding's default, which the

@@ -18,8 +18,9 @@ With `records` set, every finished run's record (physlm.runs: config, provenance
 no checkpoints) is kept there, and a run missing here is restored from it: a study can be
 finished over several machines whose runs/ is not kept, and reported on a fresh clone.
 
-Statistics and the report (physlm.study_report) compare every variant with the control,
-seed by seed.
+Statistics and the report (physlm.study_report) compare every variant with its control,
+seed by seed: the study's control, or the variant its registry entry names (`Variant.control`:
+physics on the improved layer against the improved layer without it).
 """
 
 from __future__ import annotations
@@ -45,16 +46,44 @@ from physlm.sections import RESUMABLE, WARMUP_INVARIANT
 from physlm.values import parse_options
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
-# The study's variants, each params/<name>.yaml, with the label the report gives it. Two
-# have a role: CONTROL is the baseline every variant is compared with (the ResNet-BK model,
-# its energy penalty off), REPLICA the original's flaws, where the ablation starts.
+# Two variants have a role: CONTROL is the baseline every variant is compared with unless
+# its entry names another (the ResNet-BK model, its energy penalty off), REPLICA the
+# original's flaws, where the ablation starts.
 CONTROL = "control"
 REPLICA = "replica"
-VARIANTS = {"plain": "Phase 1: ResNet-BK (plain)", "koopman": "Phase 2: Koopman ResNet-BK",
-            "physics_reference": "Phase 3: physics, reference recipe",
-            "physics_recommended": "Phase 3: physics, recommended recipe",
-            "physics_depth": "Phase 3: physics, depth energy", CONTROL: "Control (physics off)",
-            "lstm": "Baseline: LSTM (tied)", "transformer": "Baseline: Transformer (GPT)"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A study variant, params/<name>.yaml: the label the report gives it and the variant it
+    is paired against, seed by seed (the run it may fork its warmup from, too)."""
+
+    label: str
+    control: str = CONTROL
+
+
+# The study's variants, in the report's order.
+VARIANTS = {"plain": Variant("Phase 1: ResNet-BK (plain)"),
+            "koopman": Variant("Phase 2: Koopman ResNet-BK"),
+            "physics_reference": Variant("Phase 3: physics, reference recipe"),
+            "physics_recommended": Variant("Phase 3: physics, recommended recipe"),
+            "physics_depth": Variant("Phase 3: physics, depth energy"),
+            CONTROL: Variant("Control (physics off)"),
+            "lstm": Variant("Baseline: LSTM (tied)"),
+            "transformer": Variant("Baseline: Transformer (GPT)"),
+            "improved": Variant("ResNet-BK, resolvent on the features (physics off)"),
+            "physics_improved": Variant("Physics on the improved ResNet-BK, recommended recipe",
+                                        control="improved")}
+
+
+def label(variant: str) -> str:
+    """The report's name of a variant (its own name when it is not registered)."""
+    return VARIANTS[variant].label if variant in VARIANTS else variant
+
+
+def control_of(variant: str) -> str:
+    """The variant `variant` is paired against (the study's control when not registered)."""
+    return VARIANTS[variant].control if variant in VARIANTS else CONTROL
 
 
 @dataclass
@@ -84,6 +113,8 @@ class StudyOptions:
             (len(self.seeds) >= 1, "seeds: give at least one seed (3 or more to compare)"),
             (len(set(self.seeds)) == len(self.seeds), "seeds must differ"),
             (CONTROL in self.variants, "variants must include 'control': the baseline"),
+            *((control_of(v) in self.variants, f"variant {v} is paired against "
+               f"{control_of(v)}: add {control_of(v)} to variants") for v in self.variants),
             (self.workers >= 1, "workers must be >= 1"),
             (all(re.fullmatch(r"[A-Za-z0-9_-]+", fix) for fix in self.ablation),
              "ablation fixes are named by letters, digits, '_' or '-' (a folder name)"))
@@ -163,20 +194,21 @@ def ablation_path(options: StudyOptions, index: int, row: AblationRow, seed: int
 
 def plan(options: StudyOptions) -> list[TrainJob]:
     """Every run of the study, the controls first: the runs whose warmup equals their
-    seed's control's (the reference and depth recipes, most ablation rows) fork from it
-    when it is done."""
-    controls = {seed: TrainJob(run_config(options, CONTROL, seed),
-                               run_path(options, CONTROL, seed)) for seed in options.seeds}
-    jobs = list(controls.values())
+    seed's control's (the reference and depth recipes, most ablation rows; a variant's own
+    control where it names one) fork from it when it is done."""
+    jobs = [TrainJob(run_config(options, CONTROL, seed), run_path(options, CONTROL, seed))
+            for seed in options.seeds]
 
-    def add(config: Config, path: Path, seed: int) -> None:
-        shares_warmup = not config.differences(controls[seed].config, allowed=WARMUP_INVARIANT)
-        jobs.append(TrainJob(config, path, fork=controls[seed].run_dir if shares_warmup
-                             else None))
+    def add(config: Config, path: Path, seed: int, against: str = CONTROL) -> None:
+        control = run_config(options, against, seed)
+        shares_warmup = not config.differences(control, allowed=WARMUP_INVARIANT)
+        jobs.append(TrainJob(config, path, fork=run_path(options, against, seed)
+                             if shares_warmup else None))
 
     for variant in (v for v in options.variants if v != CONTROL):
         for seed in options.seeds:
-            add(run_config(options, variant, seed), run_path(options, variant, seed), seed)
+            add(run_config(options, variant, seed), run_path(options, variant, seed), seed,
+                control_of(variant))
     for index, row in enumerate(ablation_rows(options)):
         for seed in (s for s in options.seeds if not row.same_as):
             add(run_config(options, REPLICA, seed, row.fixes, name=f"ablation{index}"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from physlm import history, plots
-from physlm.config import Config
+from physlm.config import Config, ModelConfig
 from physlm.criteria import CountFloor, count_floor, count_rows, floor_sentence
 from physlm.history import PPL_COLUMNS
 from physlm.optim import OPTIMIZER_NAMES
@@ -23,9 +23,10 @@ from physlm.statistics import numbers, paired
 from physlm.study import (
     CONTROL,
     REPLICA,
-    VARIANTS,
     StudyOptions,
     ablation_rows,
+    control_of,
+    label,
     load_ablation_runs,
     study_dir,
 )
@@ -65,7 +66,7 @@ def floor_sentences(point: pd.DataFrame, floor: CountFloor) -> list[str]:
     """A sentence for each variant that does not clear the best count model at its
     early-stopped epoch, then one naming those that do."""
     below = point["Early-stopped val PPL (mean)"] < floor.ppl
-    sentences = [floor_sentence(VARIANTS.get(row["Variant"], row["Variant"]), floor,
+    sentences = [floor_sentence(label(row["Variant"]), floor,
                                 row["Early-stopped val PPL (mean)"],
                                 row["Final val PPL (mean)"],
                                 f"at its early-stopped epoch (mean over {row['Seeds']} seeds)")
@@ -90,13 +91,24 @@ def study_table(frame: pd.DataFrame) -> pd.DataFrame:
         "Tokens/s (mean)": grouped["tokens_per_s"].mean().to_numpy()})
 
 
+def own_controls(variants: list[str]) -> dict[str, str]:
+    """The variants paired against a control of their own (Variant.control), with it."""
+    return {v: control_of(v) for v in variants if control_of(v) not in (CONTROL, v)}
+
+
 def comparisons(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each variant minus its control, paired by seed; the column "Against" names the control
+    when some variant has its own."""
+    variants = list(frame["variant"].unique())
+    named = bool(own_controls(variants))
     rows = []
-    for variant in frame["variant"].unique():
+    for variant in variants:
+        against = control_of(variant)
         for metric in ("final", "best"):
-            if variant == CONTROL or (p := paired(frame, variant, metric, CONTROL)) is None:
+            if variant == CONTROL or (p := paired(frame, variant, metric, against)) is None:
                 continue
-            rows.append({"Variant": variant, "Val PPL at": metric, "Seeds": p["n"],
+            rows.append({"Variant": variant, **({"Against": against} if named else {}),
+                         "Val PPL at": metric, "Seeds": p["n"],
                          "Difference (mean)": p["mean"], "Difference (sd)": p["sd"],
                          "95% CI low": p["low"], "95% CI high": p["high"],
                          "Relative to control": p["mean"] / p["control"],
@@ -108,7 +120,7 @@ def phase_table(frame: pd.DataFrame) -> pd.DataFrame:
     """The original report's "Comparison with Previous Phases", from these runs."""
     summary = study_table(frame).set_index("Variant")
     control = summary.loc[CONTROL, "Final val PPL (mean)"] if CONTROL in summary.index else None
-    rows = [{"Phase": VARIANTS.get(v, v), "Val PPL (final, mean)": r["Final val PPL (mean)"],
+    rows = [{"Phase": label(v), "Val PPL (final, mean)": r["Final val PPL (mean)"],
              "Val PPL (final, sd)": r["Final val PPL (sd)"], "Seeds": r["Seeds"],
              "Parameters": r["Parameters"],
              "vs control": None if control is None else r["Final val PPL (mean)"] / control - 1}
@@ -117,9 +129,15 @@ def phase_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def conclusion(frame: pd.DataFrame) -> list[str]:
-    """Sentences, each filled from one computed comparison (final-epoch PPL)."""
+    """Sentences, each filled from one computed comparison (final-epoch PPL) of a variant
+    with its control."""
+    def against_name(variant: str) -> str:
+        against = control_of(variant)
+        return "the control" if against == CONTROL else f"its control, {label(against)}"
+
     return [sentence for variant in frame["variant"].unique() if variant != CONTROL
-            and (sentence := comparison_sentence(frame, variant, CONTROL, "the control"))]
+            and (sentence := comparison_sentence(frame, variant, control_of(variant),
+                                                 against_name(variant)))]
 
 
 def comparison_sentence(frame: pd.DataFrame, variant: str, against: str,
@@ -131,7 +149,7 @@ def comparison_sentence(frame: pd.DataFrame, variant: str, against: str,
     interval = f"95% CI {fmt(p['low'], 'ppl')} to {fmt(p['high'], 'ppl')}"
     verdict = ("the difference exceeds the seed-to-seed spread" if p["exceeds"] else
                "the difference is within the seed-to-seed spread: no effect is shown")
-    return (f"{VARIANTS.get(variant, variant)} ends with a validation perplexity "
+    return (f"{label(variant)} ends with a validation perplexity "
             f"{fmt(abs(p['mean']), 'ppl')} {direction} than {against_name} on average over "
             f"{p['n']} seeds ({interval}); {verdict}.")
 
@@ -198,7 +216,8 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         selection=" and ".join(sorted(set(frame["selected_on"]))) or "n/a",
         optimizer_names=OPTIMIZER_NAMES,
         comparisons=Table(comparisons(frame), KINDS), phases=Table(phase_table(frame), KINDS),
-        conclusion=conclusion(frame), phase_names=VARIANTS, control=CONTROL,
+        conclusion=conclusion(frame), labels={v: label(v) for v in options.variants},
+        own_controls=own_controls(options.variants), defaults=ModelConfig(), control=CONTROL,
         unfinished=missing_runs(options, frame) + missing_ablation(options, ablation),
         koopman=history.koopman_table(runs.get("koopman", [])), ablation=rows,
         koopman_vs_plain=comparison_sentence(frame, "koopman", "plain",

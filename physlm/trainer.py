@@ -42,6 +42,7 @@ from physlm.errors import TrainingError
 from physlm.evaluation import HELDOUT, evaluate
 from physlm.metrics import EpochTotals, epoch_figures, step_record
 from physlm.model import count_parameters
+from physlm.moe import load_entropy
 from physlm.ngram import references
 from physlm.objectives import build_objectives
 from physlm.provenance import environment_info
@@ -165,7 +166,8 @@ class Trainer:
         """One optimizer step on the global batch (x, y); returns its metrics as device tensors.
 
         The auxiliary objectives' terms (physlm.objectives) are added to the LM loss; their
-        gradient g_E is accounted for and clipped apart from the LM's (physlm.gradients).
+        gradient g_E is accounted for and clipped apart from the LM's (physlm.gradients),
+        except that of the terms that join the LM's (the MoE balance), which is g_LM's.
         Under torchrun this process trains on its slice of the batch, and every logged
         statistic is the global-batch value (physlm.distributed).
         """
@@ -180,10 +182,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         weight = share * self.world if self.world > 1 else 1.0  # the mean over processes
         parameters = self.optimizer.param_groups[0]["params"]
-        auxiliary = _total([t.loss for t in terms.values()])
+        auxiliary = _total([t.loss for t in terms.values() if not t.joins_lm])
         energy = gradients.energy_gradients(None if auxiliary is None else auxiliary * weight,
                                             parameters, self.world)
-        (out.loss * weight if self.world > 1 else out.loss).backward()
+        lm = _total([out.loss, *(t.loss for t in terms.values() if t.joins_lm)])
+        (lm * weight if self.world > 1 else lm).backward()
         distributed.average_gradients(parameters, self.world)
         grads = gradients.clip(parameters, energy, self.config.train.grad_clip,
                                apart=any(t.clip_apart for t in terms.values()))
@@ -192,6 +195,8 @@ class Trainer:
         for objective, term in terms.items():
             local.update({objective.loss_field: term.loss.detach(), **term.stats})
         stats = distributed.global_mean(local, share, self.world)
+        if stats["expert_load"].shape[-1]:   # a mixture of experts: is any expert dead?
+            stats["load_entropy_per_layer"] = load_entropy(stats["expert_load"])
         lm_loss = stats["lm_loss"][0]
         loss = _total([lm_loss, *(stats[o.loss_field] for o in terms)])
         skipped = ~(torch.isfinite(loss) & torch.isfinite(grads.grad_norm))

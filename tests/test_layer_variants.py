@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from physlm.bk_core import resolvent_diagonal
-from physlm.bk_features import GAMMA_FLOOR, linear_recurrence, resolve_features
+from physlm.bk_features import GAMMA_FLOOR, SpectralShift, linear_recurrence, resolve_features
 from physlm.build import build_model
 from physlm.config import Config, ModelConfig, from_flat
 from physlm.model import BKLayer, ResNetBK, count_parameters
@@ -239,6 +239,18 @@ def test_learned_shifts_start_geometric_and_stay_positive() -> None:
     with torch.no_grad():
         layer.shift.rho.fill_(-1e4)
     assert (layer.shift.gamma >= GAMMA_FLOOR).all()
+
+
+def test_the_lowest_initial_shift_is_a_setting_above_the_floor() -> None:
+    """bk_gamma_init_min sets the longest initial memory: gamma geometric from 1 down to it."""
+    layer = _layer("shifts", bk_gamma_init_min=0.02)
+    torch.testing.assert_close(layer.shift.gamma, 0.02 ** (torch.arange(4) / 3).double(),
+                               rtol=0, atol=1e-6)
+    for lowest in (GAMMA_FLOOR, 1.5):
+        with pytest.raises(ConfigError, match="bk_gamma_init_min must be in"):
+            from_flat({"bk_gamma_init_min": lowest})
+        with pytest.raises(ValueError, match="initial gamma"):
+            SpectralShift(4, lowest)
 
 
 def _extra_per_layer(d: int, p: int, shift: bool, coupling: bool, features: bool) -> int:

@@ -162,6 +162,21 @@ def test_tables_hold_the_metrics_values(run_dir: Path, written: tuple[Path, str]
     assert close(final["control"]["Val PPL"], control[-1]["val_ppl"])
 
 
+def test_router_table_shows_each_layers_load_entropy_and_a_dead_expert(
+        run_dir: Path, tmp_path: Path) -> None:
+    epochs = read_jsonl(run_dir / "metrics" / "epochs.jsonl")
+    title = f"Load entropy (of {math.log(4):.3f})"                 # 4 experts: log 4
+    router = tables(section(render(run_dir), "Model configuration"))[1]
+    for row, load, entropy in zip(router, epochs[-1]["expert_load"],
+                                  epochs[-1]["load_entropy_per_layer"], strict=True):
+        assert number(row["Expert 1"]) == pytest.approx(load[0], abs=5e-4)   # 3 decimals
+        assert number(row[title]) == pytest.approx(entropy, abs=5e-4)
+    dead = copy_run(run_dir, tmp_path / "run")
+    edit_epochs(dead, expert_load=[[1.0, 0.0, 0.0, 0.0], [0.25] * 4])
+    router = tables(section(render(dead), "Model configuration"))[1]
+    assert [row[title] for row in router] == ["0.000", "1.386"]
+
+
 def test_average_drift_is_the_mean_over_computed_physics_steps(
         run_dir: Path, written: tuple[Path, str]) -> None:
     _, text = written

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from physlm import statistics, study, study_report
-from physlm.config import from_flat
+from physlm.config import from_flat, read_params_file
 from physlm.files import read_jsonl
 from physlm.pool import run_job
 from physlm.runs import load_run
+from physlm.sections import CONTROL_MAY_DIFFER
 from physlm.trainer import train
 from physlm.values import ConfigError
 
@@ -22,6 +24,8 @@ from .conftest import TINY
 
 ALL = ["plain", "koopman", "physics_reference", "physics_recommended", "physics_depth",
        "control", "lstm", "transformer"]
+IMPROVED = {"bk_potentials": 4, "bk_shift": "learned", "bk_readout": "features",
+            "embedding_init_std": 0.02, "moe_balance_weight": 0.01}
 FIXES = {"causal": {"bk_mode": "causal"}, "exact_gradient": {"bk_gradient": "exact"},
          "router_gradient": {"router": "scaled"}, "dual_lambda": {"lambda_in_optimizer": False},
          "separate_clip": {"clip_mode": "separate"}}
@@ -66,6 +70,86 @@ def test_ablation_rows_add_one_fix_each_and_reuse_a_variant_they_equal(tmp_path)
     forks = {name: j.fork is not None for name, j in jobs.items() if name.startswith("ablation")}
     assert forks == {f"ablation/{i}_{label}/s{s}": i in (3, 5)
                      for i, label in enumerate(["replica", *FIXES]) if i != 4 for s in (0, 1, 2)}
+
+def test_a_variant_with_its_own_control_is_paired_and_forks_against_it(tmp_path, monkeypatch):
+    """physics_improved is compared with improved, not with the study's control, in the plan
+    (where its warmup would fork from) and in the report; the others with the control."""
+    options = tiny_study(tmp_path, variants=["control", "improved", "physics_improved"])
+    assert study.control_of("physics_improved") == "improved"
+    assert study.control_of("improved") == study.control_of("plain") == "control"
+    # The recommended recipe fits its heads in the warmup: no fork. The reference recipe on
+    # the improved layer shares improved's warmup: it forks from improved's run.
+    assert all(job.fork is None for job in study.plan(options))
+    params = tmp_path / "params"
+    shutil.copytree(study.PARAMS, params)
+    (params / "reference_improved.yaml").write_text(yaml.safe_dump(IMPROVED))
+    monkeypatch.setattr(study, "PARAMS", params)
+    monkeypatch.setitem(study.VARIANTS, "reference_improved",
+                        study.Variant("the reference recipe on improved", control="improved"))
+    forks = {Path(job.run_dir).parent.name: job.fork for job in study.plan(tiny_study(
+        tmp_path, variants=["control", "improved", "reference_improved"], seeds=[0]))}
+    assert forks == {"control": None, "improved": None,
+                     "reference_improved": study.run_path(options, "improved", 0)}
+    frame = pd.DataFrame({"variant": ["control"] * 3 + ["improved"] * 3
+                          + ["physics_improved"] * 3, "seed": [0, 1, 2] * 3,
+                          "final": [100.0, 110.0, 120.0, 90.0, 100.0, 111.0, 91.0, 99.0, 112.0]})
+    frame["best"] = frame["final"]
+    table = study_report.comparisons(frame)
+    finals = table[table["Val PPL at"] == "final"].set_index("Variant")
+    assert finals.loc["improved", "Against"] == "control"
+    assert finals.loc["improved", "Difference (mean)"] == pytest.approx(-29 / 3)
+    assert finals.loc["physics_improved", "Against"] == "improved"
+    assert finals.loc["physics_improved", "Difference (mean)"] == pytest.approx(1 / 3)
+    sentences = study_report.conclusion(frame)
+    assert "than its control, ResNet-BK, resolvent on the features" in sentences[1]
+    assert "Against" not in study_report.comparisons(frame[frame["variant"] != "physics_improved"])
+    with pytest.raises(ConfigError, match="paired against improved: add improved to variants"):
+        tiny_study(tmp_path, variants=["control", "physics_improved"])
+
+
+def test_the_report_names_a_variants_own_control_and_its_layer(tmp_path):
+    options = tiny_study(tmp_path, variants=["control", "improved", "physics_improved"],
+                         seeds=[0, 1])
+    for job in study.plan(options):                         # in this process: no pool
+        run_job(job)
+    text = study_report.write_study_report(options, study.load_study_runs(options)).read_text()
+    assert "Paired against a control of their own instead of the study's (column " \
+           '"Against"): physics_improved against improved.' in text
+    assert "| physics_improved | improved  | final" in text
+    assert ("Physics on the improved ResNet-BK, recommended recipe ends with a validation "
+            "perplexity") in text
+    assert "than its control, ResNet-BK, resolvent on the features (physics off) on" in text
+    assert ("BK layer of 4 potentials (learned shifts, fixed hopping, features readout), MoE "
+            "balance weight 0.01, embeddings initialised with std 0.02") in text
+    variants = section(text, "## Variants")
+    assert variants.count("BK layer of") == 2 and variants.count("embeddings initialised") == 2
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(heading + "\n")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_the_improved_variants_are_their_recipes():
+    """improved is the control with the layer variant; physics_improved is improved with
+    params/physics_recommended.yaml's recipe, and differs from it only there."""
+    read = {name: {k: v for k, v in read_params_file(study.PARAMS / f"{name}.yaml").items()
+                   if k != "name"}
+            for name in ("control", "improved", "physics_improved", "physics_recommended")}
+    assert read["improved"] == {**read["control"], **IMPROVED}
+    layer = {k: v for k, v in read["improved"].items() if k != "energy_penalty"}
+    assert read["physics_improved"] == {**layer, **read["physics_recommended"]}
+    options = study.load_study("params/study.yaml")
+    for variant in ("improved", "physics_improved"):
+        assert variant not in options.variants          # the committed study stays as it is
+    improved, physics = (study.run_config(options, v, 0) for v in ("improved",
+                                                                    "physics_improved"))
+    recommended, control = (study.run_config(options, v, 0) for v in ("physics_recommended",
+                                                                        "control"))
+    assert physics.differences(improved, allowed=CONTROL_MAY_DIFFER) == {}
+    assert set(physics.differences(improved, allowed="")) == set(
+        recommended.differences(control, allowed=""))
+
 
 @pytest.mark.parametrize("change, message", [
     ({"variants": ["plain"]}, "must include 'control'"),
