@@ -14,7 +14,9 @@ choice, `lr@adamw`, which its grouped multivariate TPE treats as a conditional s
 A trial is an ordinary physlm run (`<run_dir>/trial-<n>`), scored on the held-out lines of
 the training split (`heldout_fraction`), never on the validation split. Trials advance one
 epoch per job, so the driver, the only process that opens the SQLite storage, reports each
-epoch's held-out loss to Optuna and prunes between epochs (median rule). A trial's value
+epoch's held-out loss to Optuna and prunes between epochs: the median rule once three
+trials have finished, and at once a trial worse than both a uniform guess over its
+vocabulary and its own untrained model (diverging: it would only waste its epochs). A trial's value
 is its best held-out loss over the budget (early stopping). The jobs run on any
 `concurrent.futures.Executor` (physlm.pool's processes by default).
 
@@ -38,9 +40,12 @@ import optuna
 
 from physlm.config import REPORTS_ROOT, RUNS_ROOT, Config, from_flat
 from physlm.errors import ConfigError
+from physlm.files import read_json
+from physlm.runs import RunDirectory
 from physlm.values import parse_options, read_params_file
 
 OBJECTIVE = "heldout_loss"   # the epoch record's field a trial is scored on
+PRUNER_STARTUP = 3           # finished trials before the median rule prunes
 # Every trial's own settings: its validation figures are never used, so one batch of it.
 TRIAL = {"progress": False, "max_eval_batches": 1}
 
@@ -109,6 +114,11 @@ def _check_entry(path: str | Path, key: str, entry: Any, space: dict[str, Any]) 
                           f", got {entry!r}")
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where it would overflow (a diverged trial)."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
 def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Draw one recipe from the space: setting -> value (a `by` range after its choice)."""
     drawn: dict[str, Any] = {}
@@ -159,7 +169,7 @@ def sampler(spec: SearchSpec, trial_number: int) -> optuna.samplers.TPESampler:
 
 def open_study(spec: SearchSpec) -> optuna.Study:
     spec.storage_path.parent.mkdir(parents=True, exist_ok=True)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials,
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP,
                                          n_warmup_steps=spec.prune_after - 1)
     return optuna.create_study(study_name=spec.name, storage=f"sqlite:///{spec.storage_path}",
                                sampler=sampler(spec, 0), pruner=pruner, direction="minimize",
@@ -243,11 +253,16 @@ def _advance(study: optuna.Study, spec: SearchSpec, item: _Running, future: Futu
     epoch, best = len(records), min(losses)
     if epoch >= spec.epochs:
         study.tell(trial, best)
-        log(f"search {spec.name}: trial {number} done: best held-out PPL {math.exp(best):.1f}")
+        log(f"search {spec.name}: trial {number} done: best held-out PPL {perplexity(best):.1f}")
         return False
-    if trial.should_prune():
+    # Worse than a uniform guess and than the untrained model: diverging, whatever the median.
+    run = RunDirectory(item.run_dir)
+    bound = max(math.log(run.read_env()["vocab_size"]), read_json(run.initial)[OBJECTIVE])
+    if losses[-1] > bound or trial.should_prune():
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        log(f"search {spec.name}: trial {number} pruned after epoch {epoch} "
-            f"(held-out PPL {math.exp(losses[-1]):.1f})")
+        why = "worse than untrained and a uniform guess" if losses[-1] > bound else \
+            "above the median"
+        log(f"search {spec.name}: trial {number} pruned after epoch {epoch}, {why} "
+            f"(held-out PPL {perplexity(losses[-1]):.1f})")
         return False
     return True

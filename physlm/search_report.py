@@ -10,7 +10,6 @@ every trial's held-out PPL by epoch, pruned ones in grey.
 from __future__ import annotations
 
 import json
-import math
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from matplotlib.figure import Figure
 
 from physlm.files import atomic_write_text
 from physlm.provenance import git_commit
-from physlm.search import SearchSpec, open_study
+from physlm.search import SearchSpec, open_study, perplexity
 from physlm.text import Table, environment, portable
 
 BEST = 5           # trials in the table of the best
@@ -35,7 +34,7 @@ def trial_table(study: optuna.Study) -> pd.DataFrame:
         best = trial.value if trial.value is not None else min(losses, default=None)
         rows.append({"Trial": trial.number, "State": STATES.get(trial.state.name, "?"),
                      "Epochs": len(losses),
-                     "Best held-out PPL": math.exp(best) if best is not None else None,
+                     "Best held-out PPL": perplexity(best) if best is not None else None,
                      **json.loads(trial.user_attrs.get("settings", "{}"))})
     frame = pd.DataFrame(rows)
     return frame.sort_values("Best held-out PPL", na_position="last") if len(frame) else frame
@@ -57,7 +56,7 @@ def curves_figure(study: optuna.Study) -> Figure:
     best = study.best_trial.number if _has_best(study) else None
     for trial in study.get_trials(deepcopy=False):
         epochs = sorted(trial.intermediate_values)
-        ppl = [math.exp(trial.intermediate_values[e]) for e in epochs]
+        ppl = [perplexity(trial.intermediate_values[e]) for e in epochs]
         done = trial.state == optuna.trial.TrialState.COMPLETE
         ax.plot([e + 1 for e in epochs], ppl, marker=".", lw=2.5 if trial.number == best else 1,
                 color=None if done else "0.75", zorder=3 if done else 1,

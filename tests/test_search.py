@@ -130,6 +130,19 @@ def test_a_trial_that_cannot_train_fails_once_and_the_search_goes_on(tmp_path):
     assert all("failed" in line or "diverged" in line for line in lines)
 
 
+def test_a_trial_worse_than_a_uniform_guess_is_pruned_at_once(tmp_path):
+    spec = search.load_search(write_search(tmp_path, trials=1, epochs=3, space={
+        "optimizer": {"choices": ["sgd"]}, "lr": {"choices": [300.0]}},
+        fixed={"grad_clip": 100.0}))
+    lines: list[str] = []
+    study = search.run_search(spec, InlineExecutor(), log=lines.append)
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and "uniform guess" in lines[0]
+    run, last = load_run(spec.runs / "trial-0"), list(trial.intermediate_values.values())[-1]
+    assert len(run.epochs) == 1 < spec.epochs
+    assert search.perplexity(last) > run.env["vocab_size"] and last > run.initial["heldout_loss"]
+
+
 def test_the_report_shows_the_trials_the_best_and_the_importances(tmp_path):
     spec = search.load_search(write_search(tmp_path))
     study = search.run_search(spec, InlineExecutor())
