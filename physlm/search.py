@@ -150,10 +150,13 @@ def trial_config(spec: SearchSpec, settings: dict[str, Any], number: int = 0) ->
 
 
 def train_epochs(config: Config, run_dir: str, until_epoch: int) -> list[dict[str, Any]]:
-    """A job: train (or resume) the trial's run up to `until_epoch`; its epoch records."""
+    """A job: train (or resume) the trial's run up to `until_epoch`; its epoch records. It
+    holds the run directory's lock: a straggler of a killed driver makes it fail cleanly
+    (RunBusyError) instead of writing beside it."""
     from physlm.trainer import train
 
-    return train(config, run_dir, until_epoch=until_epoch)
+    with RunDirectory(run_dir).lock():
+        return train(config, run_dir, until_epoch=until_epoch)
 
 
 def sampler(spec: SearchSpec, trial_number: int) -> optuna.samplers.TPESampler:
