@@ -41,7 +41,7 @@ import pandas as pd
 
 from physlm.checkpoint import load_checkpoint, save_checkpoint
 from physlm.config import RESUMABLE, RUNS_ROOT, WARMUP_INVARIANT, Config, from_flat
-from physlm.errors import CheckpointError, NotWritableError, RunConflictError
+from physlm.errors import CheckpointError, DamagedFileError, NotWritableError, RunConflictError
 from physlm.files import (
     append_jsonl,
     atomic_write_bytes,
@@ -277,10 +277,15 @@ class RunDirectory:
         atomic_write_text(self.samples, json.dumps(samples, indent=2, ensure_ascii=False))
 
     def read_samples(self) -> list[dict[str, Any]]:
-        """The run's samples.json; empty when it has none."""
-        if not self.samples.is_file():
-            return []
-        return json.loads(self.samples.read_text(encoding="utf-8"))
+        """The run's samples.json; empty when it has none. DamagedFileError when it is not
+        a list of records with a prompt and a continuation."""
+        records = read_json(self.samples, default=[], kind=list)
+        if not all(isinstance(r, dict) and {"prompt", "continuation"} <= r.keys()
+                   for r in records):
+            raise DamagedFileError(f"{self.samples} is damaged: a record is not an object with "
+                                   "a prompt and a continuation; write it again with "
+                                   f"python -m physlm generate {self.root} --write")
+        return records
 
     def load(self) -> RunData:
         """The saved run as one typed record."""

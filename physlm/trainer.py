@@ -10,6 +10,8 @@ metrics/steps.jsonl; every epoch ends with validation, a record in
 metrics/epochs.jsonl and a checkpoint. `Trainer.fit(until_epoch)` stops early
 at an epoch boundary, which is how the warmup and physics notebooks split one
 run; calling it again (or re-running after a crash) resumes from the checkpoint.
+A finished run's last checkpoint writes samples.json, its continuations of the fixed
+validation prompts (physlm.generate); a resume that adds epochs removes it until then.
 
 A non-finite loss or gradient norm skips the step on the device (the fused
 AdamW kernel's `found_inf`, as AMP's grad scaler does), is logged as
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from physlm import distributed, gradients
+from physlm import distributed, generate, gradients
 from physlm.build import build_model
 from physlm.checkpoint import load_checkpoint, save_checkpoint
 from physlm.config import Config
@@ -114,6 +116,8 @@ class Trainer:
                                f"{record['time_s']:.1f}s  {record['tokens_per_s']:,.0f} tok/s")
             self.epoch, self.batch_in_epoch, self.totals = self.epoch + 1, 0, EpochTotals()
             self.save_checkpoint()
+        if self.rank == 0 and self.finished and generate.is_causal(self.config.model):
+            generate.write_samples(self.run.root)   # the same file again for the same weights
         distributed.barrier(self.world)
         return self.run.epoch_records()
 
@@ -296,6 +300,8 @@ class Trainer:
         self.carry = state["carry"]
         if self.rank == 0:
             self.run.keep_metrics_until(self.global_step, self.epoch)  # redone work goes
+            if not self.finished:   # samples of weights that training will replace
+                self.run.samples.unlink(missing_ok=True)
             self.run.write_config(self.config)  # resumable settings (epochs, ...) may change
 
     # ---------------------------------------------------------------- sizes
