@@ -464,7 +464,8 @@ def test_the_run_and_its_control_write_side_by_side_from_their_records(
     assert len(ours) == len(theirs) == 3
     block = section(written[1], SAMPLES)
     assert "40 words, drawn at temperature 0.8, no top-k, seed 0, by the last checkpoint" in block
-    assert "The same seed gives run and control the same random numbers" in block
+    assert "Each prompt starts from the same random numbers (the same seed)" in block
+    assert "The control draws the same numbers too" in block
     rows = tables(block)[0]
     assert [row["Prompt"] for row in rows] == [text.literal(r["prompt"]) for r in ours]
     assert [row["Run"] for row in rows] == [text.literal(r["continuation"]) for r in ours]
@@ -495,7 +496,7 @@ def test_a_control_without_samples_or_drawn_otherwise_is_named(run_dir: Path,
     copy = copy_run(run_dir, tmp_path / "run")
     (copy / "control" / "samples.json").unlink()
     block = section(render(copy), SAMPLES)
-    assert "The control has no samples.json." in block and "same random numbers" not in block
+    assert "The control has no samples.json." in block and "numbers too" not in block
     assert [row["Control"] for row in tables(block)[0]] == [text.NA] * 3
     shutil.copy(run_dir / "control" / "samples.json", copy / "control")
     edit_samples(copy / "control", seed=1, top_k=5)
