@@ -71,6 +71,9 @@ class Trainer:
                  if self.run.checkpoint.exists() else None)
         vocab = Vocabulary.load(self.run.vocab) if saved and self.run.vocab.exists() else None
         self.corpus = corpus or load_corpus(config.data, config.model.n_seq, vocab=vocab)
+        # samples.json's prompts are the config's validation text: not that of a corpus given
+        # as tensors (the benchmarks'), and a bidirectional model cannot write.
+        self.writes_samples = corpus is None and generate.is_causal(config.model)
         self.run.check_same_data(self.corpus.checksums)
 
         self.model, self.penalty = build_model(config, len(self.corpus.vocab))
@@ -116,7 +119,7 @@ class Trainer:
                                f"{record['time_s']:.1f}s  {record['tokens_per_s']:,.0f} tok/s")
             self.epoch, self.batch_in_epoch, self.totals = self.epoch + 1, 0, EpochTotals()
             self.save_checkpoint()
-        if self.rank == 0 and self.finished and generate.is_causal(self.config.model):
+        if self.rank == 0 and self.finished and self.writes_samples:
             generate.write_samples(self.run.root)   # the same file again for the same weights
         distributed.barrier(self.world)
         return self.run.epoch_records()

@@ -18,7 +18,7 @@ import torch
 from physlm import generate as gen
 from physlm.__main__ import main
 from physlm.config import from_flat
-from physlm.data import split_lines
+from physlm.data import load_corpus, split_lines
 from physlm.errors import DamagedFileError
 from physlm.runs import RunDirectory
 from physlm.trainer import Trainer, train
@@ -258,6 +258,16 @@ def test_training_writes_samples_json_when_the_run_finishes(tmp_path):
     assert run.read_samples() == [asdict(s) for s in gen.write_samples(run.root)]
     Trainer(longer, run.root)                         # a finished run's samples stay
     assert run.samples.exists()
+
+
+def test_a_run_on_a_given_corpus_finishes_without_samples(tmp_path):
+    """The benchmarks' runs: tensors without text, so no prompts (and no data is read)."""
+    config = from_flat(QUICK)
+    corpus = load_corpus(config.data, config.model.n_seq)
+    elsewhere = from_flat({**QUICK, "dataset": "wikitext-2-raw-v1",
+                           "data_dir": str(tmp_path / "none")})
+    assert len(train(elsewhere, tmp_path / "run", corpus=corpus)) == 1
+    assert not RunDirectory(tmp_path / "run").samples.exists()
 
 
 def test_a_bidirectional_run_finishes_without_samples(tmp_path):
