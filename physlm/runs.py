@@ -283,8 +283,8 @@ class RunDirectory:
         if not all(isinstance(r, dict) and {"prompt", "continuation"} <= r.keys()
                    for r in records):
             raise DamagedFileError(f"{self.samples} is damaged: a record is not an object with "
-                                   "a prompt and a continuation; write it again with "
-                                   f"python -m physlm generate {self.root} --write")
+                                   "a prompt and a continuation; restore it from a copy of the "
+                                   f"run, or run python -m physlm generate {self.root} --write")
         return records
 
     def load(self) -> RunData:
