@@ -2,7 +2,7 @@
 
     python -m physlm train  --params params/phase3.yaml --set epochs=2 --run-dir runs/x
     python -m physlm report runs/x
-    python -m physlm generate runs/x [--prompt "The castle"] [--tokens 40] [--seed 0]
+    python -m physlm generate runs/x [--prompt "The castle"] [--tokens 40] [--seed 0] [--write]
     python -m physlm study  --params params/study_smoke.yaml [--set epochs=2] [--report-only]
     python -m physlm search --params params/search_lstm.yaml [--set trials=40] [--report-only]
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import physlm
 from physlm.config import REPORTS_ROOT, load_config
-from physlm.errors import CommandError, ConfigError, known_error, one_line
+from physlm.errors import CommandError, ConfigError, GenerationError, known_error, one_line
 from physlm.values import parse_assignment
 
 
@@ -92,19 +92,29 @@ def _search(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from physlm import generate
+    from physlm.runs import RunDirectory
 
     settings = generate.SampleSettings(tokens=args.tokens, temperature=args.temperature,
                                        top_k=args.top_k, seed=args.seed).check()
-    run_model = generate.load_run_model(args.run_dir, args.checkpoint)
     given = args.prompt is not None
-    prompts = [args.prompt] if given else generate.validation_prompts(run_model.config)
-    samples = [generate.generate(run_model, prompt, settings) for prompt in prompts]
+    if args.write:
+        if given:
+            raise GenerationError("--write keeps the continuations of the run's fixed prompts "
+                                  "in its samples.json: leave out --prompt")
+        with RunDirectory(args.run_dir).lock():   # one writer per run directory
+            samples = generate.write_samples(args.run_dir, settings, args.checkpoint)
+    else:
+        run_model = generate.load_run_model(args.run_dir, args.checkpoint)
+        prompts = [args.prompt] if given else generate.validation_prompts(run_model.config)
+        samples = [generate.generate(run_model, prompt, settings) for prompt in prompts]
     unknown = list(dict.fromkeys(word for sample in samples for word in sample.unknown))
     if unknown:
         print(f"physlm: note: read as <unk> (not in the run's vocabulary): {' '.join(unknown)}",
               file=sys.stderr)
     for sample in samples:
         print(sample.continuation if given else f"[{sample.prompt}] {sample.continuation}")
+    if args.write:
+        print(f"physlm: note: wrote {RunDirectory(args.run_dir).samples}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                           help="seed of the draws (default %(default)s)")
     sampling.add_argument("--checkpoint", choices=CHECKPOINTS, default=CHECKPOINTS[0],
                           help="whose weights (default %(default)s)")
+    sampling.add_argument("--write", action="store_true",
+                          help="also keep the fixed prompts' continuations in the run's "
+                               "samples.json, which its report shows")
     sampling.set_defaults(handler=_generate)
 
     args = parser.parse_args(argv)

@@ -188,9 +188,9 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (),
     return records
 
 
-def read_json(path: str | Path, default: Any = None) -> Any:
-    """A JSON object file (`default` when it does not exist); one that is not a JSON
-    object raises DamagedFileError naming it."""
+def read_json(path: str | Path, default: Any = None, kind: type = dict) -> Any:
+    """A JSON file holding one `kind` (an object, or a list), `default` when it does not
+    exist; one that holds anything else raises DamagedFileError naming it."""
     path = Path(path)
     if not path.is_file():
         return default
@@ -202,9 +202,9 @@ def read_json(path: str | Path, default: Any = None) -> Any:
         problem = "empty" if not error.doc.strip() else (
             f"not JSON ({error.msg}, line {error.lineno} column {error.colno})")
     else:
-        if isinstance(value, dict):
+        if isinstance(value, kind):
             return value
-        problem = f"a JSON {type(value).__name__}, not an object"
+        problem = f"a JSON {type(value).__name__}, not {'an object' if kind is dict else 'a list'}"
     raise DamagedFileError(f"{path} is damaged: {problem}; restore it from a copy of the run")
 
 

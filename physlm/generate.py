@@ -101,8 +101,8 @@ def _build_model(config: Config, vocab_size: int) -> nn.Module:
     return model
 
 
-def _is_causal(model: ModelConfig) -> bool:
-    """Whether position i's output depends on tokens <= i only."""
+def is_causal(model: ModelConfig) -> bool:
+    """Whether position i's output depends on tokens <= i only: whether the model can write."""
     return not (model.architecture == "resnet_bk" and model.bk_mode == "bidirectional")
 
 
@@ -135,7 +135,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str = CHECKPOINTS[0]) -> Run
     if not run.config.is_file():
         raise GenerationError(f"{run.root} is not a run directory: it has no config.yaml")
     config = run.read_config()
-    if not _is_causal(config.model):
+    if not is_causal(config.model):
         raise GenerationError(f"{run.root} uses the bidirectional BK core (bk_mode: "
                               "bidirectional), whose position i reads the token it predicts: "
                               "it is not a causal language model and cannot generate")

@@ -44,7 +44,7 @@ import pandas as pd
 
 from physlm.checkpoint import load_checkpoint, save_checkpoint
 from physlm.config import RUNS_ROOT, Config, from_flat
-from physlm.errors import CheckpointError, NotWritableError, RunConflictError
+from physlm.errors import CheckpointError, DamagedFileError, NotWritableError, RunConflictError
 from physlm.files import (
     append_jsonl,
     atomic_write_bytes,
@@ -298,10 +298,15 @@ class RunDirectory:
         atomic_write_text(self.samples, json.dumps(samples, indent=2, ensure_ascii=False))
 
     def read_samples(self) -> list[dict[str, Any]]:
-        """The run's samples.json; empty when it has none."""
-        if not self.samples.is_file():
-            return []
-        return json.loads(self.samples.read_text(encoding="utf-8"))
+        """The run's samples.json; empty when it has none. DamagedFileError when it is not
+        a list of records with a prompt and a continuation."""
+        records = read_json(self.samples, default=[], kind=list)
+        if not all(isinstance(r, dict) and {"prompt", "continuation"} <= r.keys()
+                   for r in records):
+            raise DamagedFileError(f"{self.samples} is damaged: a record is not an object with "
+                                   "a prompt and a continuation; restore it from a copy of the "
+                                   f"run, or run python -m physlm generate {self.root} --write")
+        return records
 
     def load(self) -> RunData:
         """The saved run as one typed record."""

@@ -18,6 +18,7 @@ from physlm.criteria import CountFloor, count_floor, count_rows, floor_sentence
 from physlm.history import PPL_COLUMNS
 from physlm.optim import OPTIMIZER_NAMES
 from physlm.provenance import git_commit
+from physlm.report import Samples, continuation, samples_table
 from physlm.runs import RunData
 from physlm.statistics import numbers, paired
 from physlm.study import (
@@ -30,7 +31,7 @@ from physlm.study import (
     load_ablation_runs,
     study_dir,
 )
-from physlm.text import Table, environment, fmt, portable
+from physlm.text import Table, environment, fmt, literal, portable
 
 # The kinds of the numbers of the study's tables (physlm.text), beyond the perplexities'.
 KINDS = {**PPL_COLUMNS, "Val PPL (final, mean)": "ppl", "Val PPL (final, sd)": "ppl",
@@ -154,6 +155,25 @@ def comparison_sentence(frame: pd.DataFrame, variant: str, against: str,
             f"{p['n']} seeds ({interval}); {verdict}.")
 
 
+def variant_samples(runs: dict[str, list[RunData]]) -> Samples | None:
+    """The continuation of one fixed prompt (the first) by each variant's run of its lowest
+    seed (seed 0); None when none of those runs has samples.json."""
+    first = {variant: min(seeds, key=lambda run: run.config.train.seed)
+             for variant, seeds in runs.items() if seeds}
+    models = {variant: run.run.read_samples() for variant, run in first.items()}
+    prompt = next((records[0]["prompt"] for records in models.values() if records), None)
+    if prompt is None:
+        return None
+    frame = pd.DataFrame({"Variant": list(models),
+                          "Seed": [run.config.train.seed for run in first.values()],
+                          "Continuation": [continuation(records, prompt)
+                                           for records in models.values()]}, dtype=object)
+    samples = samples_table(frame, {variant: [r for r in records if r["prompt"] == prompt]
+                                    for variant, records in models.items()})
+    samples.prompt = literal(prompt)
+    return samples
+
+
 def curves_figure(runs: dict[str, list[RunData]]) -> plots.Figure:
     """Validation perplexity per epoch per variant: the mean over seeds with a min-max band."""
     figure, ((ax,),) = plots.new_figure("Validation perplexity per epoch (mean, min-max band)",
@@ -223,6 +243,7 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         koopman_vs_plain=comparison_sentence(frame, "koopman", "plain",
                                              "the plain model (no Koopman loss, same warmup)"),
         fix_sentences=fix_sentences, shape=shape, shape_sentences=shape_sentences,
+        samples=variant_samples(runs),
         figure=figure.relative_to(out).as_posix(), run_dir=portable(study_dir(options)),
         commits=sorted({r.env.get("git_commit") or "n/a" for s in runs.values() for r in s}),
         generator=commit or "n/a", now=datetime.now(UTC).strftime("%Y-%m-%d %H:%M"))

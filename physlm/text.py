@@ -78,6 +78,20 @@ def table(data: Table | pd.DataFrame) -> str:
     return cells.to_markdown(index=False, colalign=align, disable_numparse=True)
 
 
+# What a markdown table cell, and the HTML page made from it, would read as markup instead of
+# text: HTML (<, >, &), a cell boundary (|), code (`), emphasis (*, _, ~), a link ([) and the
+# escape character itself. Each is written as its character reference, which markdown and
+# HTML show as the character.
+LITERAL = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;",
+                        **{char: f"&#{ord(char)};" for char in "|`*_~[\\"}})
+
+
+def literal(text: str) -> str:
+    """`text` (a model's words: anything) shown as itself in a markdown table cell and in
+    the HTML page made from it, on one line."""
+    return " ".join(text.split()).translate(LITERAL)
+
+
 def portable(path: str | Path) -> str:
     """`path` relative to the working directory, or its name when it lies elsewhere: no
     report names a machine's folders."""

@@ -13,6 +13,8 @@ epoch: physlm.rundata), a record in metrics/epochs.jsonl, checkpoints/best.pt wh
 epoch is the best so far, and a checkpoint. `Trainer.fit(until_epoch)` stops early
 at an epoch boundary, which is how the warmup and physics notebooks split one
 run; calling it again (or re-running after a crash) resumes from the checkpoint.
+A finished run's last checkpoint writes samples.json, its continuations of the fixed
+validation prompts (physlm.generate); a resume that adds epochs removes it until then.
 
 A non-finite loss or gradient norm skips the step on the device (`found_inf`, as AMP's
 grad scaler does for the fused kernels; the schedule still counts the batch), is logged
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from physlm import distributed, gradients, optim
+from physlm import distributed, generate, gradients, optim
 from physlm.build import build_model
 from physlm.checkpoint import load_checkpoint, save_checkpoint
 from physlm.config import Config
@@ -76,6 +78,9 @@ class Trainer:
                  if self.run.checkpoint.exists() else None)
         vocab = Vocabulary.load(self.run.vocab) if saved and self.run.vocab.exists() else None
         self.corpus = corpus or load_corpus(config.data, config.model.n_seq, vocab=vocab)
+        # samples.json's prompts are the config's validation text: not that of a corpus given
+        # as tensors (the benchmarks'), and a bidirectional model cannot write.
+        self.writes_samples = corpus is None and generate.is_causal(config.model)
         self.run.check_same_data(self.corpus.checksums)
 
         self.model, self.penalty = build_model(config, len(self.corpus.vocab))
@@ -126,6 +131,8 @@ class Trainer:
                                f"{record['time_s']:.1f}s  {record['tokens_per_s']:,.0f} tok/s")
             self.epoch, self.batch_in_epoch, self.totals = self.epoch + 1, 0, EpochTotals()
             self.save_checkpoint()
+        if self.rank == 0 and self.finished and self.writes_samples:
+            generate.write_samples(self.run.root)   # the same file again for the same weights
         distributed.barrier(self.world)
         return self.run.epoch_records()
 
@@ -336,6 +343,8 @@ class Trainer:
         self.carry = state["carry"]
         if self.rank == 0:
             self.run.keep_metrics_until(self.global_step, self.epoch)  # redone work goes
+            if not self.finished:   # samples of weights that training will replace
+                self.run.samples.unlink(missing_ok=True)
             self.run.write_config(self.config)  # resumable settings (epochs, ...) may change
 
     # ---------------------------------------------------------------- sizes

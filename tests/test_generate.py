@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,9 +18,10 @@ import torch
 from physlm import generate as gen
 from physlm.__main__ import main
 from physlm.config import from_flat
-from physlm.data import split_lines
+from physlm.data import load_corpus, split_lines
+from physlm.errors import DamagedFileError
 from physlm.runs import RunDirectory
-from physlm.trainer import train
+from physlm.trainer import Trainer, train
 
 from .conftest import REPO_ROOT, TINY, one_error_line
 
@@ -247,6 +250,54 @@ def test_samples_json_holds_the_fixed_prompts(runs):
     assert lstm == prompts
 
 
+def test_training_writes_samples_json_when_the_run_finishes(tmp_path):
+    """Not before: an unfinished run has none. A finished run's is the continuations of its
+    last checkpoint; a resume that adds epochs removes it (its weights will change) and the
+    finished run writes it again."""
+    run = RunDirectory(tmp_path / "run")
+    trainer = Trainer(from_flat({**QUICK, "epochs": 2}), run.root)
+    trainer.fit(until_epoch=1)
+    assert trainer.run.checkpoint.is_file() and not run.samples.exists()
+    trainer.fit()
+    first = run.read_samples()
+    assert first == [asdict(s) for s in gen.write_samples(run.root)]     # the same file again
+    assert [r["prompt"] for r in first] == gen.fixed_prompts(
+        split_lines(from_flat(QUICK).data, "valid"))
+
+    longer = from_flat({**QUICK, "epochs": 3})
+    resumed = Trainer(longer, run.root)
+    assert not run.samples.exists()                   # unfinished again: no stale samples
+    resumed.fit()                                     # written again, by epoch 3's weights
+    assert run.read_samples() == [asdict(s) for s in gen.write_samples(run.root)]
+    Trainer(longer, run.root)                         # a finished run's samples stay
+    assert run.samples.exists()
+
+
+def test_a_run_on_a_given_corpus_finishes_without_samples(tmp_path):
+    """The benchmarks' runs: tensors without text, so no prompts (and no data is read)."""
+    config = from_flat(QUICK)
+    corpus = load_corpus(config.data, config.model.n_seq)
+    elsewhere = from_flat({**QUICK, "dataset": "wikitext-2-raw-v1",
+                           "data_dir": str(tmp_path / "none")})
+    assert len(train(elsewhere, tmp_path / "run", corpus=corpus)) == 1
+    assert not RunDirectory(tmp_path / "run").samples.exists()
+
+
+def test_a_bidirectional_run_finishes_without_samples(tmp_path):
+    records = train(from_flat({**QUICK, "bk_mode": "bidirectional"}), tmp_path / "run")
+    assert len(records) == 1 and not RunDirectory(tmp_path / "run").samples.exists()
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("", "empty"), ("{\"prompt\": \"a\"}", "a JSON dict, not a list"),
+    ("[{\"prompt\": \"a\"}]", "a record is not an object with a prompt and a continuation")])
+def test_a_damaged_samples_json_is_named(tmp_path, content, problem):
+    run = RunDirectory(tmp_path)
+    run.samples.write_text(content)
+    with pytest.raises(DamagedFileError, match=re.escape(f"{run.samples} is damaged: {problem}")):
+        run.read_samples()
+
+
 # --- the command -------------------------------------------------------------------------------
 
 def test_command_prints_the_continuation(runs, capsys):
@@ -258,6 +309,21 @@ def test_command_prints_the_continuation(runs, capsys):
     assert main(["generate", str(runs["transformer"]), "--tokens", "4"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == gen.PROMPT_COUNT and all(line.startswith("[") for line in lines)
+
+
+def test_command_writes_samples_json(runs, tmp_path, capsys):
+    run_dir = tmp_path / "lstm"
+    shutil.copytree(runs["lstm"], run_dir)
+    RunDirectory(run_dir).samples.unlink()
+    assert main(["generate", str(run_dir), "--write", "--tokens", "6", "--seed", "5"]) == 0
+    out, err = capsys.readouterr()
+    records = RunDirectory(run_dir).read_samples()
+    assert [(r["tokens"], r["seed"]) for r in records] == [(6, 5)] * gen.PROMPT_COUNT
+    assert out.splitlines() == [f"[{r['prompt']}] {r['continuation']}" for r in records]
+    assert err.strip().splitlines()[-1] == f"physlm: note: wrote {run_dir / 'samples.json'}"
+    assert not (run_dir / ".lock").exists()
+    assert main(["generate", str(run_dir), "--write", "--prompt", "The city"]) == 2
+    assert "--write keeps the continuations of the run's fixed prompts" in one_error_line(capsys)
 
 
 def _run_without_checkpoint(tmp_path: Path, **overrides) -> Path:

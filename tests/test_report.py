@@ -8,25 +8,27 @@ only ever reads those.
 
 from __future__ import annotations
 
+import html as html_lib
 import json
 import math
 import re
 import shutil
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from physlm import criteria as criteria_module
-from physlm import plots, report, text
+from physlm import pipeline, plots, report, text
 from physlm.__main__ import main
 from physlm.build import build_model
 from physlm.config import from_flat
 from physlm.files import read_jsonl, write_jsonl
 from physlm.model import count_parameters
-from physlm.runs import find_control, load_run
+from physlm.runs import RunDirectory, find_control, load_run
 from physlm.trainer import train
 
 TINY = {"dataset": "fixture", "d_model": 16, "n_layers": 2, "n_seq": 16, "vocab_size": 300,
@@ -36,7 +38,8 @@ HEADINGS = ["# physlm report: run", "## Summary", "## Model configuration",
             "## Training configuration", "## Dataset", "## Warmup epochs", "## Physics epochs",
             "## Energy conservation", "## Energy-loss progression", "## Lambda evolution",
             "## Final results vs. control", "## Against count references", "## Success criteria",
-            "## Phase comparison", "## Robustness", "## Plots", "## Provenance"]
+            "## Phase comparison", "## What the model writes", "## Robustness", "## Plots",
+            "## Provenance"]
 FIGURES = ["energy_drift", "lambda", "losses", "perplexity", "time", "gradients"]
 
 
@@ -489,3 +492,111 @@ def test_a_target_met_by_the_heads_alone_is_not_called_met(run_dir: Path, tmp_pa
     text = render(copy)
     assert criteria(text)[DRIFT] == criteria_module.INACTIVE
     assert "The penalty is inactive in the steady state" in text[:text.index("## Summary")]
+
+
+# ---------------------------------------------------------------- what the model writes
+
+SAMPLES = "What the model writes"
+
+
+def edit_samples(run_dir: Path, **values: object) -> list[dict[str, object]]:
+    """Change every record of the run's samples.json; return the new records."""
+    run = RunDirectory(run_dir)
+    records = [{**r, **values} for r in run.read_samples()]
+    run.write_samples(records)
+    return records
+
+
+def test_the_run_and_its_control_write_side_by_side_from_their_records(
+        run_dir: Path, tmp_path: Path, written: tuple[Path, str]) -> None:
+    """The continuations in samples.json, one row per fixed prompt; a report regenerated
+    from the records (no checkpoint, no vocabulary) shows the same section."""
+    ours, theirs = (RunDirectory(d).read_samples() for d in (run_dir, run_dir / "control"))
+    assert len(ours) == len(theirs) == 3
+    block = section(written[1], SAMPLES)
+    assert "40 words, drawn at temperature 0.8, no top-k, seed 0, by the last checkpoint" in block
+    assert "Each prompt starts from the same random numbers (the same seed)" in block
+    assert "The control draws the same numbers too" in block
+    rows = tables(block)[0]
+    assert [row["Prompt"] for row in rows] == [text.literal(r["prompt"]) for r in ours]
+    assert [row["Run"] for row in rows] == [text.literal(r["continuation"]) for r in ours]
+    assert [row["Control"] for row in rows] == [text.literal(r["continuation"]) for r in theirs]
+
+    record = tmp_path / "record"
+    RunDirectory(run_dir).copy_record_to(RunDirectory(record))
+    RunDirectory(run_dir / "control").copy_record_to(RunDirectory(record / "control"))
+    assert not (record / "checkpoints").exists() and not (record / "vocab.json").exists()
+    assert section(render(record), SAMPLES) == block
+
+
+def test_a_run_without_samples_says_so_in_one_line(run_dir: Path, tmp_path: Path) -> None:
+    copy = copy_run(run_dir, tmp_path / "run")
+    (copy / "samples.json").unlink()
+    lines = section(render(copy), SAMPLES).strip().splitlines()[1:]
+    assert [line for line in lines if line] == [
+        "No samples: the run has no samples.json (the trainer writes it when a run finishes; "
+        f"`python -m physlm generate {copy.name} --write` writes it from the last checkpoint)."]
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    (copy / "config.yaml").write_text(yaml.safe_dump({**config, "bk_mode": "bidirectional"}))
+    assert "No samples: the bidirectional model reads the word it predicts" in section(
+        render(copy), SAMPLES)
+
+
+def test_a_control_without_samples_or_drawn_otherwise_is_named(run_dir: Path,
+                                                               tmp_path: Path) -> None:
+    copy = copy_run(run_dir, tmp_path / "run")
+    (copy / "control" / "samples.json").unlink()
+    block = section(render(copy), SAMPLES)
+    assert "The control has no samples.json." in block and "numbers too" not in block
+    assert [row["Control"] for row in tables(block)[0]] == [text.NA] * 3
+    shutil.copy(run_dir / "control" / "samples.json", copy / "control")
+    edit_samples(copy / "control", seed=1, top_k=5)
+    block = section(render(copy), SAMPLES)
+    assert ("run: 40 words, drawn at temperature 0.8, no top-k, seed 0, by the last checkpoint; "
+            "control: 40 words, drawn at temperature 0.8, top-k 5, seed 1, by the last "
+            "checkpoint") in block
+    assert "same random numbers" not in block
+    edit_samples(copy, temperature=0.0)
+    assert "the most likely word each time (temperature 0)" in section(render(copy), SAMPLES)
+
+
+HOSTILE = "<script>alert(1)</script> a | b &amp; `rm -rf` *not bold* [link](x) \\ ~~no~~"
+
+
+def html_of(markdown: str, tmp_path: Path) -> str:
+    """The HTML page the pipeline makes of a report (pipeline.write_html_report), its body."""
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "Markdown(report)", metadata={"tags": [pipeline.REPORT_TAG]}, outputs=[
+            nbformat.v4.new_output("display_data", data={"text/markdown": markdown,
+                                                         "text/plain": "<Markdown>"})])])
+    nbformat.write(notebook, tmp_path / "analysis.ipynb")
+    page = pipeline.write_html_report(tmp_path / "analysis.ipynb", tmp_path / "r.html")
+    html = page.read_text(encoding="utf-8")
+    return html[html.index("<main>"):]
+
+
+def test_continuations_are_text_in_the_markdown_and_the_html(run_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """Markup in a continuation (HTML, a table pipe, code, emphasis, a link) is shown as the
+    characters it is made of: one cell in the markdown table, text in the HTML page."""
+    copy = copy_run(run_dir, tmp_path / "run")
+    for run in (copy, copy / "control"):
+        edit_samples(run, continuation=HOSTILE, prompt="The <b>city</b> | of")
+    block = section(render(copy), SAMPLES)
+    rows = tables(block)[0]                       # three cells per row: no pipe split a cell
+    assert all(row["Run"] == row["Control"] != HOSTILE for row in rows)
+    assert "<script>" not in block and "`" not in block.split("\n\n", 2)[2]
+    html = html_of(block, tmp_path)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", html, re.S)
+    shown = html_lib.escape(HOSTILE, quote=False)    # the text, as HTML writes text
+    assert cells == [html_lib.escape("The <b>city</b> | of", quote=False), shown, shown] * 3
+    shown_table = html[html.index("<table>"):html.index("</table>")]
+    for markup in ("<script", "<b>", "<code>", "<em>", "<strong>", "<a ", "<del>"):
+        assert markup not in shown_table, markup
+    assert "<script" not in html
+
+
+def test_literal_escapes_what_markdown_would_read():
+    assert text.literal("a <unk>  b\n|c| & `d` *e* _f_") == (
+        "a &lt;unk&gt; b &#124;c&#124; &amp; &#96;d&#96; &#42;e&#42; &#95;f&#95;")
+    assert text.literal("the city @-@ 1 , \"quoted\" (x)") == "the city @-@ 1 , \"quoted\" (x)"

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from physlm import statistics, study, study_report
+from physlm import statistics, study, study_report, text
 from physlm.config import from_flat, read_params_file
 from physlm.files import read_jsonl
 from physlm.pool import run_job
@@ -206,6 +206,10 @@ def test_a_tiny_study_runs_every_variant_and_reports_them(tmp_path):
     assert "Phase 2: Koopman ResNet-BK" in text                 # its row of the phase table
     assert text.count("Fixing **") == 2 and "| + dual_lambda |" in text
     assert "each fix alone on the replica (2 more rows) is not run" in text
+    writes = text[text.index("## What the variants write"):text.index("## Variants")]
+    assert "by one run of each variant (its lowest seed)" in writes
+    assert [line.split(" | ")[0].strip("| ") for line in writes.splitlines()
+            if line.startswith("|")][2:] == list(runs)
     assert "Unfinished" not in text
     assert (path.parent / "tiny" / "val_ppl.png").is_file()
     assert text.count("than the control on average over 3 seeds") == len(ALL) - 1
@@ -254,7 +258,7 @@ def test_records_let_a_fresh_machine_reuse_finished_runs(tmp_path, monkeypatch):
     saved = {p.relative_to(records).as_posix() for p in records.rglob("*") if p.is_file()}
     assert saved == {f"{v}/s0/{f}" for v in ("control", "physics_reference") for f in (
         "config.yaml", "env.json", "metrics/initial.json", "metrics/references.json",
-        "metrics/steps.jsonl", "metrics/epochs.jsonl")}
+        "metrics/steps.jsonl", "metrics/epochs.jsonl", "samples.json")}
 
     shutil.rmtree(tmp_path / "runs")                               # a fresh machine
     submitted: list = []
@@ -264,6 +268,14 @@ def test_records_let_a_fresh_machine_reuse_finished_runs(tmp_path, monkeypatch):
     for variant in trained:
         assert restored[variant][0].epochs.equals(trained[variant][0].epochs)
         assert restored[variant][0].finished
+    # What each variant writes, from the records (no checkpoint): the first fixed prompt.
+    samples = study_report.variant_samples(restored)
+    firsts = {v: trained[v][0].run.read_samples()[0] for v in trained}
+    assert samples.prompt == text.literal(firsts["control"]["prompt"])
+    assert samples.table.frame.to_dict("list") == {
+        "Variant": list(trained), "Seed": [0, 0],
+        "Continuation": [text.literal(firsts[v]["continuation"]) for v in trained]}
+    assert samples.same_draws and not samples.missing
 
     for change in ({"epochs": 3}, {"overrides": {**options.overrides, "lr": 1e-2}}):
         submitted.clear()
