@@ -88,6 +88,8 @@ def _search(args: argparse.Namespace) -> None:
         with pool.process_executor(spec.workers) as executor:
             search.run_search(spec, executor)
     print(search_report.write_search_report(spec, spec.report_dir))
+    if spec.recipe and search_report.write_recipe(spec, spec.recipe):
+        print(spec.recipe)
 
 
 def _generate(args: argparse.Namespace) -> None:

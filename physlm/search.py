@@ -68,6 +68,7 @@ class SearchSpec:
     run_dir: str | None = None                   # default runs/search/<name>
     storage: str | None = None                   # default <run_dir>/search.sqlite3
     report_dir: str = REPORTS_ROOT
+    recipe: str | None = None                    # where the best trial's recipe is written
 
     @property
     def runs(self) -> Path:

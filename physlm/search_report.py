@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import yaml
 from matplotlib.figure import Figure
 
 from physlm.files import atomic_write_text
@@ -70,6 +71,25 @@ def curves_figure(study: optuna.Study) -> Figure:
 
 def _has_best(study: optuna.Study) -> bool:
     return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials())
+
+
+def write_recipe(spec: SearchSpec, path: str | Path) -> Path | None:
+    """The best finished trial's recipe (its draw and the search's fixed settings) as a params
+    file that a study applies by architecture (physlm.study `recipes`); None before any trial
+    has finished."""
+    study = open_study(spec)
+    if not _has_best(study):
+        return None
+    best = study.best_trial
+    finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    header = (f"# The tuned training recipe of {spec.params}: trial {best.number} of the search "
+              f"{spec.name}\n# (best held-out PPL {perplexity(best.value):,.1f} over "
+              f"{spec.epochs} epochs; {finished} finished of {len(study.trials)} trials, "
+              f"{spec.trials} planned).\n# Written by `python -m physlm search --params <the "
+              "search's file> --report-only`; never edited by hand.\n")
+    recipe = {**spec.fixed, **json.loads(best.user_attrs["settings"])}
+    atomic_write_text(Path(path), header + yaml.safe_dump(recipe, sort_keys=False))
+    return Path(path)
 
 
 def write_search_report(spec: SearchSpec, out_dir: str | Path) -> Path:

@@ -2,10 +2,15 @@
 
 Each (variant, seed) is an ordinary physlm run in `<run_dir>/<variant>/s<seed>`, so it is
 resumable and reusable: re-running the study skips finished runs and resumes unfinished
-ones. A variant is a params file (params/<variant>.yaml) over the study's data settings;
-the study fixes the budget (epochs, physics_start_epoch) and the seed:
+ones. A variant is a params file (params/<variant>.yaml) over the study's data settings,
+trained with its architecture's recipe (`recipes`: the tuned optimizer, schedule, batch,
+regularisation of params/recipe_<architecture>.yaml; a variant may name its own); the study
+fixes the budget (epochs, and physics_start_epoch unless the variant's file sets it: the
+later warmup of a drift-reduction variant) and the seed:
 
-    config = defaults <- data params <- params/<variant>.yaml <- budget, seed, name
+    config = defaults <- data params <- params/<variant>.yaml <- recipe <- budget, seed, name
+
+The replica and the ablation keep the original's recipe (SPEC section 7): they measure it.
 
 Runs whose warmup equals the control's (the reference and depth recipes) fork from the
 control's warmup checkpoint instead of training it again (physlm.runs.fork_from).
@@ -34,6 +39,7 @@ from physlm.config import (
     REPORTS_ROOT,
     RUNS_ROOT,
     Config,
+    ModelConfig,
     PhysicsConfig,
     TrainConfig,
     from_flat,
@@ -98,6 +104,8 @@ class StudyOptions:
     physics_start_epoch: int = PhysicsConfig.physics_start_epoch
     data_params: str | None = "params/wt2_proxy.yaml"   # the data every variant trains on
     overrides: dict[str, Any] = field(default_factory=dict)  # config keys for every run
+    # Architecture (or a variant's name, which wins) -> the params file of its training recipe.
+    recipes: dict[str, str] = field(default_factory=dict)
     # Fix name -> the settings that fix it, applied one after another to params/replica.yaml
     # (given as a mapping, or as the name of a YAML file that holds it).
     ablation: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -150,10 +158,22 @@ def load_study(params_file: str | Path | None = None,
 def run_config(options: StudyOptions, variant: str, seed: int,
                fixes: dict[str, Any] | None = None, name: str | None = None) -> Config:
     data = read_params_file(options.data_params) if options.data_params else {}
-    recipe = read_params_file(PARAMS / f"{variant}.yaml")
-    budget = {"epochs": options.epochs, "physics_start_epoch": options.physics_start_epoch,
+    own = read_params_file(PARAMS / f"{variant}.yaml")
+    budget = {"epochs": options.epochs,
+              "physics_start_epoch": own.get("physics_start_epoch", options.physics_start_epoch),
               "seed": seed, "name": f"{name or variant}_s{seed}", "progress": False}
-    return from_flat({**data, **recipe, **(fixes or {}), **options.overrides, **budget})
+    return from_flat({**data, **own, **recipe(options, variant, own), **(fixes or {}),
+                      **options.overrides, **budget})
+
+
+def recipe(options: StudyOptions, variant: str, own: dict[str, Any]) -> dict[str, Any]:
+    """The training recipe `variant` trains with: its own entry in `recipes`, else its
+    architecture's; none for the replica (and so the ablation), which keeps the original's."""
+    if variant == REPLICA:
+        return {}
+    architecture = own.get("architecture", ModelConfig.architecture)
+    path = options.recipes.get(variant, options.recipes.get(architecture))
+    return read_params_file(path) if path else {}
 
 
 def study_dir(options: StudyOptions) -> Path:

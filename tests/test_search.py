@@ -153,3 +153,9 @@ def test_the_report_shows_the_trials_the_best_and_the_importances(tmp_path):
     assert "## The best trials" in text and "## Every trial" in text
     assert (path.parent / "search_tiny" / "heldout_ppl.png").is_file()
     assert "What mattered" in text
+    recipe = search_report.write_recipe(spec, tmp_path / "recipe.yaml")
+    best_trial = study.best_trial
+    written = yaml.safe_load(recipe.read_text())
+    assert written == {**spec.fixed, **search.suggest(optuna.trial.FixedTrial(
+        best_trial.params), spec.space)}
+    assert f"trial {best_trial.number}" in recipe.read_text().splitlines()[0]

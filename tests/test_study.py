@@ -71,6 +71,41 @@ def test_ablation_rows_add_one_fix_each_and_reuse_a_variant_they_equal(tmp_path)
     assert forks == {f"ablation/{i}_{label}/s{s}": i in (3, 5)
                      for i, label in enumerate(["replica", *FIXES]) if i != 4 for s in (0, 1, 2)}
 
+def test_recipes_apply_by_architecture_and_the_replica_keeps_the_originals(tmp_path):
+    (tmp_path / "bk.yaml").write_text("optimizer: sgd\nlr: 5.0\ndropout: 0.25\n")
+    (tmp_path / "lstm.yaml").write_text("lr: 2.0\noptimizer: sgd\n")
+    (tmp_path / "plain.yaml").write_text("lr: 0.5\noptimizer: sgd\n")
+    options = tiny_study(tmp_path, ablation=FIXES, recipes={
+        "resnet_bk": str(tmp_path / "bk.yaml"), "lstm": str(tmp_path / "lstm.yaml"),
+        "plain": str(tmp_path / "plain.yaml")})
+    train = {v: study.run_config(options, v, 0).train for v in ("control", "physics_recommended",
+                                                              "lstm", "plain", "transformer")}
+    assert (train["control"].lr, train["control"].optimizer) == (5.0, "sgd")
+    assert study.run_config(options, "control", 0).model.dropout == 0.25
+    same = ("optimizer", "lr", "momentum", "lr_schedule", "weight_decay", "grad_clip")
+    assert all(getattr(train["physics_recommended"], key) == getattr(train["control"], key)
+               for key in same)                                   # physics on the same recipe
+    assert (train["lstm"].lr, train["plain"].lr) == (2.0, 0.5)    # its own entry wins
+    assert train["transformer"].optimizer == "adamw"              # no recipe: its own file
+    replica = study.run_config(options, "replica", 0, study.ablation_rows(options)[-1].fixes)
+    assert (replica.train.optimizer, replica.train.lr) == ("adamw", 1e-3)
+    # The recipe changes the control, so no ablation row is a variant's runs any more, and
+    # the physics variants still fork from the control's warmup.
+    assert all(row.same_as is None for row in study.ablation_rows(options))
+    forks = {Path(j.run_dir).parent.name for j in study.plan(options) if j.fork}
+    assert {"physics_reference", "physics_depth"} <= forks
+
+
+def test_a_variant_may_set_its_own_physics_start(tmp_path, monkeypatch):
+    params = tmp_path / "params"
+    shutil.copytree(study.PARAMS, params)
+    (params / "physics_late.yaml").write_text("energy_penalty: true\nphysics_start_epoch: 2\n")
+    monkeypatch.setattr(study, "PARAMS", params)
+    options = tiny_study(tmp_path, epochs=3, variants=["control", "physics_late"])
+    assert study.run_config(options, "physics_late", 0).physics.physics_start_epoch == 2
+    assert study.run_config(options, "control", 0).physics.physics_start_epoch == 1
+
+
 def test_a_variant_with_its_own_control_is_paired_and_forks_against_it(tmp_path, monkeypatch):
     """physics_improved is compared with improved, not with the study's control, in the plan
     (where its warmup would fork from) and in the report; the others with the control."""
