@@ -3,6 +3,7 @@
     python -m physlm train  --params params/phase3.yaml --set epochs=2 --run-dir runs/x
     python -m physlm report runs/x
     python -m physlm study  --params params/study_smoke.yaml [--set epochs=2] [--report-only]
+                            [--address HOST:PORT]   (a Ray cluster; default: one on this machine)
     python -m physlm bench  [--quick] [--only step,energy,eval,bk,scaling,moe]
 """
 
@@ -77,7 +78,8 @@ def _report(args: argparse.Namespace) -> None:
 def _study(args: argparse.Namespace) -> None:
     from physlm import study, study_report
 
-    options = study.load_study(args.params, dict(parse_assignment(t) for t in args.set))
+    options = study.load_study(args.params, {**dict(parse_assignment(t) for t in args.set),
+                                             "address": args.address})
     if args.report_only:
         study.sync_records(options)
     runs = study.load_study_runs(options) if args.report_only else study.run_study(options)
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one study setting (repeatable), e.g. epochs=2")
     study.add_argument("--report-only", action="store_true", help="report the runs that exist")
+    study.add_argument("--address", help="join this Ray cluster (default RAY_ADDRESS, else start "
+                       "one on this machine)")
     study.set_defaults(handler=_study)
 
     commands.add_parser("bench", help="benchmarks (python -m physlm bench -h)")
@@ -154,6 +158,7 @@ def _known_error(error: Exception) -> tuple[str, int] | None:
     from physlm.checkpoint import CheckpointError  # imported here: they import torch
     from physlm.data import DataError
     from physlm.distributed import DeviceError
+    from physlm.executor import ClusterError
     from physlm.files import NotWritableError
     from physlm.runs import RunBusyError, RunConflictError
     from physlm.trainer import TrainingError
@@ -162,6 +167,7 @@ def _known_error(error: Exception) -> tuple[str, int] | None:
                               (CheckpointError, "checkpoint error", 1),
                               (TrainingError, "cannot train", 1),
                               (DeviceError, "cannot train", 1),
+                              (ClusterError, "cluster error", 1),
                               (RunBusyError, "run directory busy", 1),
                               (RunConflictError, "cannot train", 1),
                               (NotWritableError, "cannot write", 1)):

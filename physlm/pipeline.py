@@ -45,7 +45,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from physlm.config import ALIASES, KEYS, Config, from_flat, load_config
-from physlm.pool import threads_per_worker
+from physlm.executor import threads_per_worker
 from physlm.progress import follow, say
 from physlm.runs import RunDirectory, default_run_dir
 from physlm.values import ConfigError, coerce, suggest

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from physlm.config import RESUMABLE, WARMUP_INVARIANT, Config, from_flat, read_params_file
-from physlm.pool import TrainJob, run_jobs
+from physlm.executor import TrainJob, run_jobs
 from physlm.runs import RunData, RunDirectory, load_run
 from physlm.values import ConfigError, coerce, suggest
 
@@ -59,7 +59,8 @@ class StudyOptions:
     run_dir: str | None = None                          # default runs/<name>
     report_dir: str = "reports"
     records: str | None = None                          # finished runs' records, kept there
-    workers: int = 2
+    workers: int = 2                                    # runs at once per machine (no GPU)
+    address: str | None = None                          # a Ray cluster to join (physlm.executor)
 
     def validate(self) -> StudyOptions:
         problems = [message for ok, message in (
@@ -186,7 +187,7 @@ def run_study(options: StudyOptions) -> dict[str, list[RunData]]:
     try:
         run_jobs([job for job in plan(options)
                   if not RunDirectory(job.run_dir).finished_as(job.config)],
-                 workers=options.workers)
+                 workers=options.workers, address=options.address)
     finally:  # what finished before a crash is kept too
         sync_records(options)
     return load_study_runs(options)
