@@ -99,8 +99,7 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def connect(address: str | None = None, local_cpus: int | None = None,
-            runtime_env: dict[str, Any] | None = None) -> bool:
+def connect(address: str | None = None, local_cpus: int | None = None) -> bool:
     """Join the Ray cluster at `address` (default RAY_ADDRESS), or start one on this machine
     with `local_cpus` CPUs (default: its cores). True if this call connected (the caller
     disconnects, which stops a cluster it started); False if Ray was connected already."""
@@ -113,8 +112,7 @@ def connect(address: str | None = None, local_cpus: int | None = None,
                                      object_store_memory=OBJECT_STORE_BYTES,
                                      include_dashboard=False)
     try:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING,
-                 **local)
+        ray.init(address=address, logging_level=logging.WARNING, **local)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"join the Ray cluster at {address}" if address else "start Ray on this machine"
         hint = ("; a cluster with token authentication (Ray's default) also needs "
@@ -157,16 +155,14 @@ class RayExecutor(concurrent.futures.Executor):
             future = executor.submit(physlm_function, argument)
 
     `fn` and its arguments are pickled: a function of the physlm package goes by name, so
-    the workers must import physlm (see the module docstring; `runtime_env`, a Ray runtime
-    environment, e.g. {"working_dir": ...}, for a cluster without a shared checkout).
-    Joins `address` or starts a local cluster as `connect` does; disconnects at shutdown
-    if it connected."""
+    the workers must import physlm (see the module docstring). Joins `address` or starts a
+    local cluster as `connect` does; disconnects at shutdown if it connected."""
 
-    def __init__(self, address: str | None = None, workers: int = 1, gpu: bool | None = None,
-                 runtime_env: dict[str, Any] | None = None) -> None:
+    def __init__(self, address: str | None = None, workers: int = 1,
+                 gpu: bool | None = None) -> None:
         import ray
 
-        self._connected = connect(address, max(os.cpu_count() or 1, workers), runtime_env)
+        self._connected = connect(address, max(os.cpu_count() or 1, workers))
         try:
             self.threads, self.gpus, self.slots = task_shape(workers, gpu)
         except BaseException:
@@ -197,11 +193,16 @@ class RayExecutor(concurrent.futures.Executor):
         if error is None:
             future.node, result = done.result()
             future.set_result(result)
-        else:  # the task's own exception, not Ray's wrapper of it (whose text has the traceback)
+        else:  # the task's own exception, not Ray's wrapper of it
             cause = getattr(error, "cause", None)
-            future.set_exception(cause if isinstance(cause, Exception) else error)
+            if isinstance(cause, Exception):
+                cause.add_note(f"raised in a Ray task: {error}")  # the worker's traceback
+                error = cause
+            future.set_exception(error)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Wait for the tasks (`wait`), or stop them, running ones too (`cancel_futures`);
+        then disconnect if this executor connected."""
         import ray
 
         if self._closed:

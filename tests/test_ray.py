@@ -9,6 +9,7 @@ physlm's dependencies), so CI is not such a place.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -266,8 +267,11 @@ def two_node_cluster(request):
         return [a for name, port in zip(names, ports[first:first + 6], strict=True)
                 for a in (name, str(port))]
 
-    nodes.append(RayNode(["--head", "--port", str(head_port), "--ray-client-server-port",
-                          str(client), "--include-dashboard", "false", *common, *own_ports(0)],
+    # With ray[client]'s packages the head also serves Ray Client, on 10001 unless told.
+    client_server = (["--ray-client-server-port", str(client)]
+                     if importlib.util.find_spec("grpc") else [])
+    nodes.append(RayNode(["--head", "--port", str(head_port), *client_server,
+                          "--include-dashboard", "false", *common, *own_ports(0)],
                          env, temp / "head.log"))
     nodes[0].wait_started()
     address = f"127.0.0.1:{head_port}"
