@@ -108,6 +108,10 @@ def connect(address: str | None = None, local_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    silent = address and _silent(address)
+    if silent:  # Ray would retry for many minutes
+        raise ClusterError(f"cannot join the Ray cluster at {address}: nothing answers there "
+                           f"({silent}); start its head (ray start --head) or check the address")
     local = {} if address else dict(num_cpus=local_cpus or os.cpu_count() or 1,
                                      object_store_memory=OBJECT_STORE_BYTES,
                                      include_dashboard=False)
@@ -120,6 +124,19 @@ def connect(address: str | None = None, local_cpus: int | None = None) -> bool:
                 if address and not os.environ.get("RAY_AUTH_MODE") else "")
         raise ClusterError(f"cannot {where}: {error}{hint}") from error
     return True
+
+
+def _silent(address: str) -> str | None:
+    """Why nothing accepts a connection at a "host:port" address; None if something does
+    (or the address is another of Ray's forms, for Ray to judge)."""
+    host, _, port = address.rpartition(":")
+    if not host or "/" in host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
 
 
 def _task(fn, cwd: str, threads: int, args: tuple, kwargs: dict) -> tuple[str, Any]:

@@ -137,3 +137,20 @@ def test_missing_data_file_leaves_no_run_directory(tmp_path, capsys):
 def test_os_errors_are_labelled_by_what_they_are(error, label, message):
     assert _known_error(error) == (label, 1)
     assert _one_line(error) == message
+
+
+def test_a_study_address_where_nothing_answers_is_one_clear_error(tmp_path, capsys):
+    """`study --address` to a port nobody listens on fails at once (Ray itself would retry
+    for many minutes), naming the address."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    code = main(["study", "--params", "params/study_smoke.yaml", "--set", "seeds=[0]",
+                 "--set", "variants=[control]", "--set", "ablation={}",
+                 "--set", f"run_dir={tmp_path / 'runs'}", "--address", address])
+    assert code == 1
+    error = one_error_line(capsys)
+    assert error.startswith(f"physlm: cluster error: cannot join the Ray cluster at {address}: "
+                            "nothing answers there")
