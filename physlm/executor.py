@@ -142,6 +142,7 @@ def _silent(address: str) -> str | None:
 def _task(fn, cwd: str, threads: int, args: tuple, kwargs: dict) -> tuple[str, Any]:
     """What a Ray worker runs: `fn` in the driver's directory with `threads` torch threads;
     returns (this node's id, fn's result)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: physlm/__init__.py
     import ray
     import torch
 
