@@ -6,7 +6,7 @@ first part becomes the tuning runs' train split (and so their vocabulary; held-o
 it lacks are <unk>, as in the study), the last 10% their validation split. Each setting
 of a small grid is then an ordinary physlm run of the baseline's params file at the
 study's budget (`--epochs`, 6), trained by the study's own trainer, schedule and batching,
-in the study's worker pool, and scored by its best held-out perplexity.
+as the study runs them (physlm.executor), and scored by its best held-out perplexity.
 
     python benchmarks/tune_baseline.py --params params/lstm.yaml --set lr=1e-3,3e-3,1e-2
     python benchmarks/tune_baseline.py --params params/transformer.yaml --set lr=1e-3,3e-3
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from physlm.config import from_flat, read_params_file
 from physlm.data import split_heldout
-from physlm.pool import TrainJob, run_jobs
+from physlm.executor import TrainJob, run_jobs
 from physlm.runs import load_run
 from physlm.values import parse_assignment
 

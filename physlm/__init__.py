@@ -16,9 +16,9 @@ LAYERS = (
                   "optim")),
     ("models", ("model", "transformer", "lstm", "physics", "build", "objectives")),
     ("runs", ("data", "ngram", "checkpoint", "lock", "provenance", "rundata", "runs", "evaluation",
-              "trainer", "pool", "generate")),
+              "trainer", "generate")),
     ("analysis", ("criteria", "plots", "statistics", "report", "history", "progress")),
-    ("workflows", ("study", "study_report", "pipeline", "search", "search_report")),
+    ("workflows", ("executor", "study", "study_report", "pipeline", "search", "search_report")),
     ("entry points", ("__main__", "colab")),
 )
 

@@ -6,6 +6,9 @@
     python -m physlm study  --params params/study_smoke.yaml [--set epochs=2] [--report-only]
     python -m physlm search --params params/search_lstm.yaml [--set trials=40] [--report-only]
 
+study and search run their runs on Ray: `--address HOST:PORT` joins a cluster (default
+RAY_ADDRESS, else one started on this machine for the command).
+
 The benchmarks are not part of the package: `python benchmarks/bench.py` (benchmarks/README.md).
 """
 
@@ -73,7 +76,8 @@ def _report(args: argparse.Namespace) -> None:
 def _study(args: argparse.Namespace) -> None:
     from physlm import study, study_report
 
-    options = study.load_study(args.params, dict(parse_assignment(t) for t in args.set))
+    options = study.load_study(args.params, {**dict(parse_assignment(t) for t in args.set),
+                                             "address": args.address})
     if args.report_only:
         study.sync_records(options)
     runs = study.load_study_runs(options) if args.report_only else study.run_study(options)
@@ -81,11 +85,12 @@ def _study(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from physlm import pool, search, search_report
+    from physlm import search, search_report
+    from physlm.executor import RayExecutor
 
     spec = search.load_search(args.params, dict(parse_assignment(t) for t in args.set))
     if not args.report_only:
-        with pool.process_executor(spec.workers) as executor:
+        with RayExecutor(args.address, spec.workers) as executor:
             search.run_search(spec, executor)
     print(search_report.write_search_report(spec, spec.report_dir))
     if spec.recipe and search_report.write_recipe(spec, spec.recipe):
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one study setting (repeatable), e.g. epochs=2")
     study.add_argument("--report-only", action="store_true", help="report the runs that exist")
+    cluster = "join this Ray cluster (default RAY_ADDRESS, else start one on this machine)"
+    study.add_argument("--address", help=cluster)
     study.set_defaults(handler=_study)
 
     search = commands.add_parser("search", help="search a model's training recipe (Optuna)")
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override one search setting (repeatable), e.g. trials=40")
     search.add_argument("--report-only", action="store_true",
                         help="train nothing: report the trials in the storage")
+    search.add_argument("--address", help=cluster)
     search.set_defaults(handler=_search)
 
     sampling = commands.add_parser(

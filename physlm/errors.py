@@ -56,6 +56,10 @@ class GenerationError(ValueError):
     """The run cannot generate text (no weights, not causal), or the request is unusable."""
 
 
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be joined, or cannot run physlm's tasks."""
+
+
 class StageError(RuntimeError):
     """A stage notebook failed; its executed copy (with the traceback) is kept."""
 
@@ -82,6 +86,7 @@ USER_ERRORS: dict[type[Exception], tuple[str, int]] = {
     CheckpointError: ("checkpoint error", 1),
     TrainingError: ("cannot train", 1),
     DeviceError: ("cannot train", 1),
+    ClusterError: ("cluster error", 1),
     RunBusyError: ("run directory busy", 1),
     RunConflictError: ("cannot train", 1),
     NotWritableError: ("cannot write", 1),

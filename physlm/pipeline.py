@@ -45,7 +45,7 @@ from urllib.parse import unquote
 
 from physlm.config import ALIASES, KEYS, REPORTS_ROOT, Config, from_flat, load_config
 from physlm.errors import USER_ERRORS, ConfigError, StageError, one_line
-from physlm.pool import threads_per_worker
+from physlm.executor import threads_per_worker
 from physlm.progress import follow, say
 from physlm.runs import RunDirectory, default_run_dir
 from physlm.values import parse_options, suggest

@@ -46,7 +46,7 @@ from physlm.config import (
     read_params_file,
 )
 from physlm.errors import ConfigError, one_line
-from physlm.pool import TrainJob, run_jobs
+from physlm.executor import TrainJob, run_jobs
 from physlm.runs import RunData, RunDirectory, load_run
 from physlm.sections import RESUMABLE, WARMUP_INVARIANT
 from physlm.values import parse_options
@@ -112,7 +112,8 @@ class StudyOptions:
     run_dir: str | None = None                          # default runs/<name>
     report_dir: str = REPORTS_ROOT
     records: str | None = None                          # finished runs' records, kept there
-    workers: int = 2
+    workers: int = 2                                    # runs at once per machine (no GPU)
+    address: str | None = None                          # a Ray cluster to join (physlm.executor)
 
     def validate(self) -> StudyOptions:
         """The study's own rules; each variant's settings are checked as any run's are
@@ -243,7 +244,7 @@ def run_study(options: StudyOptions) -> dict[str, list[RunData]]:
     try:
         run_jobs([job for job in plan(options)
                   if not RunDirectory(job.run_dir).finished_as(job.config)],
-                 workers=options.workers)
+                 workers=options.workers, address=options.address)
     finally:  # what finished before a crash is kept too
         sync_records(options)
     return load_study_runs(options)

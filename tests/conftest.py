@@ -24,6 +24,14 @@ def _fixture_cache(tmp_path_factory):
         yield
 
 
+VOLATILE = {"time_s", "tokens_per_s", "val_time_s", "train_time_s"}  # timings
+
+
+def stable(records: list[dict]) -> list[dict]:
+    """Metrics records without their timings: what two runs of the same settings share."""
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
 def one_error_line(capsys) -> str:
     """The command's stderr, asserted to be one `physlm: ...` line without a traceback."""
     out, err = capsys.readouterr()

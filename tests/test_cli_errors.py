@@ -162,3 +162,20 @@ def test_the_command_line_sets_the_openmp_wait_policy_and_an_import_does_not(tmp
                           env={**env, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True,
                           text=True, timeout=120)
     assert done.stdout.split() == ["None", "PASSIVE"], done.stderr
+
+
+def test_a_study_address_where_nothing_answers_is_one_clear_error(tmp_path, capsys):
+    """`study --address` to a port nobody listens on fails at once (Ray itself would retry
+    for many minutes), naming the address."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    code = main(["study", "--params", "params/study_smoke.yaml", "--set", "seeds=[0]",
+                 "--set", "variants=[control]", "--set", "ablation={}",
+                 "--set", f"run_dir={tmp_path / 'runs'}", "--address", address])
+    assert code == 1
+    error = one_error_line(capsys)
+    assert error.startswith(f"physlm: cluster error: cannot join the Ray cluster at {address}: "
+                            "nothing answers there")

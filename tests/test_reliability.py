@@ -31,13 +31,7 @@ from physlm.fixture import fixture_dir
 from physlm.runs import RunDirectory
 from physlm.trainer import Trainer, train
 
-from .conftest import REPO_ROOT, TINY, crash_after_step, one_error_line
-
-VOLATILE = {"time_s", "tokens_per_s", "val_time_s", "train_time_s"}
-
-
-def _stable(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+from .conftest import REPO_ROOT, TINY, crash_after_step, one_error_line, stable
 
 
 def _params_file(path: Path, **overrides) -> Path:
@@ -164,7 +158,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
     for name in ("steps", "epochs"):
         expected = read_jsonl(getattr(straight, name))
         got = read_jsonl(getattr(run, name))
-        assert _stable(got) == _stable(expected), (
+        assert stable(got) == stable(expected), (
             f"{name}.jsonl after a kill at step {kill_after} and a resume from step "
             f"{saved['global_step']} differs from the uninterrupted run")
     resumed_timings = {r["step"]: r["time_s"] for r in read_jsonl(run.steps)
@@ -509,6 +503,6 @@ def test_resume_after_torn_metric_lines_is_exact(tmp_path, tiny_config, monkeypa
     for name in ("steps", "epochs"):
         text = getattr(run, name).read_text()
         assert text.endswith("}\n") and '"epo{' not in text and '"phy{' not in text
-        assert _stable(read_jsonl(getattr(run, name))) == \
-            _stable(read_jsonl(getattr(straight, name)))
+        assert stable(read_jsonl(getattr(run, name))) == \
+            stable(read_jsonl(getattr(straight, name)))
 

@@ -1,4 +1,4 @@
-"""The study: plans, a tiny end-to-end run in the worker pool, statistics and the report."""
+"""The study: plans, a tiny end-to-end run on Ray (physlm.executor), statistics, the report."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import yaml
 
 from physlm import statistics, study, study_report, text
 from physlm.config import from_flat, read_params_file
+from physlm.executor import run_job
 from physlm.files import read_jsonl
-from physlm.pool import run_job
 from physlm.runs import load_run
 from physlm.sections import CONTROL_MAY_DIFFER
 from physlm.trainer import train
@@ -297,7 +297,7 @@ def test_records_let_a_fresh_machine_reuse_finished_runs(tmp_path, monkeypatch):
 
     shutil.rmtree(tmp_path / "runs")                               # a fresh machine
     submitted: list = []
-    monkeypatch.setattr(study, "run_jobs", lambda jobs, workers: submitted.extend(jobs))
+    monkeypatch.setattr(study, "run_jobs", lambda jobs, **_: submitted.extend(jobs))
     restored = study.run_study(options)
     assert submitted == []
     for variant in trained:
@@ -324,7 +324,7 @@ def test_records_keep_the_runs_that_finished_before_a_crash(tmp_path, monkeypatc
     options = tiny_study(tmp_path, variants=["control"], seeds=[0, 1], workers=1,
                          records=str(tmp_path / "records"))
 
-    def crash_after_the_first(jobs, workers):
+    def crash_after_the_first(jobs, **_):
         run_job(jobs[0])
         raise RuntimeError("the machine went away")
 

@@ -12,13 +12,7 @@ from physlm.files import read_jsonl
 from physlm.runs import RunConflictError, RunDirectory
 from physlm.trainer import Trainer, TrainingError, train
 
-from .conftest import crash_after_step
-
-VOLATILE = {"time_s", "tokens_per_s", "val_time_s", "train_time_s"}
-
-
-def _stable(records):
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+from .conftest import crash_after_step, stable
 
 
 def test_tiny_model_learns_the_fixture_corpus(tiny_config, tmp_path):
@@ -69,8 +63,8 @@ def test_same_seed_same_metrics(tiny_config, tmp_path):
     config = tiny_config(epochs=2)
     first = train(config, tmp_path / "a")
     second = train(config, tmp_path / "b")
-    assert _stable(first) == _stable(second)
-    steps = [_stable(read_jsonl(tmp_path / r / "metrics" / "steps.jsonl")) for r in "ab"]
+    assert stable(first) == stable(second)
+    steps = [stable(read_jsonl(tmp_path / r / "metrics" / "steps.jsonl")) for r in "ab"]
     assert steps[0] == steps[1]
 
 
@@ -82,7 +76,7 @@ def test_checkpoint_round_trip_continues_identically(tiny_config, tmp_path):
     for name in ("steps.jsonl", "epochs.jsonl"):
         straight = read_jsonl(tmp_path / "straight" / "metrics" / name)
         split = read_jsonl(tmp_path / "split" / "metrics" / name)
-        assert _stable(split) == _stable(straight)
+        assert stable(split) == stable(straight)
 
 
 def test_mid_epoch_checkpoint_resume_is_exact(tiny_config, tmp_path, monkeypatch):
@@ -99,7 +93,7 @@ def test_mid_epoch_checkpoint_resume_is_exact(tiny_config, tmp_path, monkeypatch
     for name in ("steps.jsonl", "epochs.jsonl"):
         straight = read_jsonl(tmp_path / "straight" / "metrics" / name)
         cut = read_jsonl(tmp_path / "cut" / "metrics" / name)
-        assert _stable(cut) == _stable(straight)
+        assert stable(cut) == stable(straight)
 
 
 def test_finished_run_is_reused_not_retrained(tiny_config, tmp_path):
@@ -186,7 +180,7 @@ def test_a_run_forked_from_a_warmup_equals_one_trained_from_scratch(tiny_config,
     train(target, tmp_path / "scratch")
     for name in ("steps.jsonl", "epochs.jsonl"):
         scratch = read_jsonl(tmp_path / "scratch" / "metrics" / name)
-        assert _stable(read_jsonl(forked.steps.parent / name)) == _stable(scratch)
+        assert stable(read_jsonl(forked.steps.parent / name)) == stable(scratch)
     scratch = RunDirectory(tmp_path / "scratch")
     assert forked.references.read_text() == scratch.references.read_text()
     best = [load_checkpoint(run.best_checkpoint) for run in (forked, scratch)]
@@ -237,7 +231,7 @@ def test_resume_is_exact_for_every_optimizer_and_schedule(tiny_config, tmp_path,
     resumed.fit()
     for name in ("steps.jsonl", "epochs.jsonl"):
         straight = read_jsonl(tmp_path / "straight" / "metrics" / name)
-        assert _stable(read_jsonl(tmp_path / "cut" / "metrics" / name)) == _stable(straight)
+        assert stable(read_jsonl(tmp_path / "cut" / "metrics" / name)) == stable(straight)
     best = [load_checkpoint(tmp_path / run / "checkpoints" / "best.pt") for run in ("straight",
                                                                                     "cut")]
     assert best[0]["epoch"] == best[1]["epoch"] == 0   # the lowest held-out loss
