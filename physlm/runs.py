@@ -41,7 +41,13 @@ import pandas as pd
 
 from physlm.checkpoint import load_checkpoint, save_checkpoint
 from physlm.config import RESUMABLE, RUNS_ROOT, WARMUP_INVARIANT, Config, from_flat
-from physlm.errors import CheckpointError, NotWritableError, RunConflictError
+from physlm.errors import (
+    CheckpointError,
+    DamagedFileError,
+    NotWritableError,
+    RunConflictError,
+    one_line,
+)
 from physlm.files import (
     append_jsonl,
     atomic_write_bytes,
@@ -141,12 +147,15 @@ class RunDirectory:
 
     def read_config(self) -> Config:
         """The run's settings (old names accepted); DamagedFileError when config.yaml is
-        empty, unreadable or cut short (physlm.files.read_settings), never the defaults."""
+        empty, unreadable or cut short (physlm.files.read_settings), or holds settings this
+        physlm does not accept, never the defaults."""
         values = read_settings(self.config)
         try:
             return from_flat(values)
         except ConfigError as error:
-            raise ConfigError(f"{self.config}: {error}") from error
+            raise DamagedFileError(f"{self.config} holds settings this physlm does not accept "
+                                   f"({one_line(error)}): it was edited, or written by another "
+                                   "version; restore it from a copy of the run") from error
 
     def write_env(self, env: dict[str, Any]) -> None:
         atomic_write_text(self.env, json.dumps(env, indent=2))
