@@ -6,24 +6,32 @@ absolute path enters a report: files by name and checksum, directories relative.
 
 from __future__ import annotations
 
+import base64
+import io
+import mimetypes
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pandas as pd
 
 import physlm
 from physlm import plots
-from physlm.config import REPORTS_ROOT, Config
+from physlm.config import ARCHITECTURE_SETTINGS, REPORTS_ROOT, Config
 from physlm.criteria import STATUS, Summary, criteria_table, final_value, heads_table, summarize
+from physlm.files import atomic_write_bytes, atomic_write_text
+from physlm.lock import held_by
 from physlm.provenance import git_commit
 from physlm.runs import RunData, find_control, load_run
 from physlm.text import NA, Table, environment, fmt, portable, rows
 
 FIGURE_CAPTIONS = plots.CAPTIONS
+# What ran, as the report's summary names it (Config.model.architecture).
+ARCHITECTURES = {"resnet_bk": "a ResNet-BK model", "transformer": "a Transformer (causal GPT, "
+                 "pre-LN)", "lstm": "an LSTM (embedding tied to the output)"}
 # Every epoch-table column: its title -> (the epoch record's key, the kind of its numbers).
 COLUMNS = {"Phase": ("phase", None), "Train loss": ("train_loss", "loss"),
            "LM loss": ("train_lm_loss", "loss"),
@@ -111,6 +119,8 @@ class ReportData:
     control: RunData | None
     c: Config
     s: Summary
+    architecture: str            # what ran (ARCHITECTURES)
+    in_progress: str | None      # who is training the unfinished run now (None: nobody)
     source: str                  # where the data came from, absolute paths cut to names
     warmup_epochs: int           # finished epochs of each phase
     physics_epochs: int
@@ -155,8 +165,12 @@ def report_data(run: RunData, control: RunData | None, figures: dict[str, Path],
     params = env.get("parameters", {})
     source = re.sub(r"(?<!\S)/\S*/", "", env.get("data_source", NA))   # absolute: names only
     load = run.epochs["expert_load"].iloc[-1] if len(run.epochs.get("expert_load", [])) else []
+    load = load if any(load) else []  # a baseline's layers have no experts
     router = pd.DataFrame(load, index=pd.RangeIndex(1, len(load) + 1, name="Layer")).rename(
         columns=lambda expert: f"Expert {expert + 1}").reset_index()  # token share per expert
+    physics = {"energy_penalty": c.physics.energy_penalty, **(
+        {"Physics from epoch (1-based)": c.warmup_epochs + 1} if c.trains_with_physics else {}),
+        **(vars(c.physics) if c.trains_with_physics else {})}  # else none of them acts
     progression = energy_progression_table(run)
     logged = len(progression) and progression["Energy MSE (raw)"].notna().all()
     steps = run.steps
@@ -166,15 +180,18 @@ def report_data(run: RunData, control: RunData | None, figures: dict[str, Path],
     within = f"Physics steps within target (of {s.drift_steps})"
     title = title or run.name
     return ReportData(
-        title=title, run=run, control=control, c=c, s=s, source=source,
+        title=title, run=run, control=control, c=c, s=s,
+        architecture=ARCHITECTURES[c.model.architecture],
+        in_progress=None if run.finished else held_by(run.root), source=source,
         warmup_epochs=len(run.phase("warmup")), physics_epochs=len(run.phase("physics")),
         router=Table(router, {f"Expert {i + 1}": "fraction" for i in range(len(router.columns))}),
         model=rows(settings({"Parameters (total)": params.get("total"),
                              "Parameters (trained by the optimizer)": params.get("trainable"),
-                             "Vocabulary size": env.get("vocab_size")}, c.model)),
-        training=rows(settings({"Optimizer": "AdamW", "Device used": env.get("device"),
-                                "Physics from epoch (1-based)": c.warmup_epochs + 1
-                                if c.trains_with_physics else None}, c.train, c.physics)),
+                             "Vocabulary size": env.get("vocab_size")},
+                            {key: value for key, value in vars(c.model).items()
+                             if key in ARCHITECTURE_SETTINGS[c.model.architecture]})),
+        training=rows(settings({"Optimizer": "AdamW", "Device used": env.get("device")},
+                               c.train, physics)),
         dataset=rows(settings({"Source": source, "Vocabulary size": env.get("vocab_size"),
                                "Train batches per epoch": env.get("train_batches"),
                                "Validation batches": env.get("valid_batches")}, c.data)),
@@ -218,7 +235,8 @@ def report_data(run: RunData, control: RunData | None, figures: dict[str, Path],
                               + (" ..." if len(s.skipped_steps) > 20 else "")) or "none",
             "Non-finite validation losses": s.nonfinite_val,
             "Gradient norm of applied steps (mean, max; before clipping)": s.grad_norm,
-            "Physics steps without an energy term (batch-size mismatch)": s.no_energy}),
+            **({"Physics steps without an energy term (batch-size mismatch)": s.no_energy}
+               if c.trains_with_physics else {})}),
         figures={FIGURE_CAPTIONS[name]: quote(path.relative_to(out_dir).as_posix())
                  for name, path in figures.items()},
         provenance=rows(_provenance(run, control, command, commit or git_commit())))
@@ -254,22 +272,60 @@ def render_report(data: ReportData) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
+def inline_figures(markdown: str, base_dir: str | Path,
+                   drawn: dict[Path, bytes] | None = None) -> str:
+    """`markdown` with its local image links (`![caption](path)`, relative to `base_dir`)
+    replaced by data URIs, so that the text alone holds its figures; `drawn`: the bytes of
+    figures not written yet, by path."""
+    def embed(match: re.Match[str]) -> str:
+        caption, link = match.groups()
+        path = Path(base_dir) / unquote(link)
+        if re.match(r"[a-z][a-z0-9+.-]*:", link, re.I):
+            return match.group(0)  # a URL (http:, data:) stays a link
+        data = (drawn or {}).get(path) or (path.read_bytes() if path.is_file() else None)
+        if data is None:
+            return match.group(0)  # so does a missing file
+        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return f"![{caption}](data:{kind};base64,{base64.b64encode(data).decode('ascii')})"
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", embed, markdown)
+
+
+def render_html(markdown: str, title: str) -> str:
+    """The report as one HTML page that works offline: no script, figures as data URIs
+    (inline_figures first). Every HTML tag in the markdown is escaped, shown as the text it
+    is: a run's settings and records (a data_dir named `<img onerror=...>`) never become
+    markup, nor a link to javascript:."""
+    import mistune  # the markdown renderer of nbconvert
+
+    body = mistune.create_markdown(escape=True, plugins=["table"])(markdown)
+    return environment().get_template("report.html.j2").render(title=title, body=body)
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path = REPORTS_ROOT,
                  control_dir: str | Path | None = None, name: str | None = None) -> Path:
-    """Write `<out_dir>/<name>.md` and its figures in `<out_dir>/<name>/` (name: the run
-    directory's name); the control is `control_dir`, else `<run_dir>/control`."""
+    """Write `<out_dir>/<name>.md`, its figures in `<out_dir>/<name>/` and the same report as
+    one page, `<out_dir>/<name>.html` (name: the run directory's); the control is
+    `control_dir`, else `<run_dir>/control`. Everything is drawn and rendered before the first
+    file is written, and each file is replaced atomically: a report that fails, or is killed,
+    leaves the previous one."""
     run, control, out_dir = load_run(run_dir), find_control(run_dir, control_dir), Path(out_dir)
     commit = git_commit()   # before the figures are written: they may be files git tracks
     name = name or run.name
-    (out_dir / name).mkdir(parents=True, exist_ok=True)
-    figures = {figure: out_dir / name / f"{figure}.png" for figure in FIGURE_CAPTIONS}
-    for figure, drawn in plots.make_figures(run, control).items():
-        drawn.savefig(figures[figure], dpi=plots.DPI)
+    figures, drawn = {}, {}
+    for figure, plotted in plots.make_figures(run, control).items():
+        figures[figure] = out_dir / name / f"{figure}.png"
+        buffer = io.BytesIO()
+        plotted.savefig(buffer, format="png", dpi=plots.DPI)
+        drawn[figures[figure]] = buffer.getvalue()
     command = f"python -m physlm report {portable(run_dir)} --out-dir {portable(out_dir)}" + (
         f" --control-dir {portable(control_dir)}" if control_dir else "") + (
         f" --name {name}" if name != run.name else "")
     path = out_dir / f"{name}.md"
-    data = report_data(run, control, figures, out_dir, command, title=name, commit=commit)
-    path.write_text(render_report(data), encoding="utf-8")
+    markdown = render_report(report_data(run, control, figures, out_dir, command, title=name,
+                                         commit=commit))
+    page = render_html(inline_figures(markdown, out_dir, drawn), f"physlm report: {name}")
+    for figure, data in drawn.items():
+        atomic_write_bytes(figure, data)
+    atomic_write_text(path, markdown)
+    atomic_write_text(path.with_suffix(".html"), page)
     return path
-

@@ -191,16 +191,19 @@ class RunDirectory:
 
     # ------------------------------------------------------------ the fresh/resume decision
     def prepare(self, config: Config) -> None:
-        """Make the directory ready for `config`: cleared (overwrite), or checked for resume.
-        A new run's directory is only checked: it is created with its first file.
-
-        Raises RunConflictError when it holds a run that `config` may not continue.
-        """
-        self.check_writable()
-        if not self.holds_run:
-            return
-        if config.train.overwrite:
+        """Make the directory ready for `config`: cleared (overwrite), or checked for resume
+        (`check_accepts`). A new run's directory is only checked: it is created with its
+        first file."""
+        self.check_accepts(config)
+        if self.holds_run and config.train.overwrite:
             self.clear()
+
+    def check_accepts(self, config: Config) -> None:
+        """Whether `config` may start or continue here, changing nothing: NotWritableError,
+        RunConflictError when the directory holds a run that `config` may not continue
+        (resume: false, other settings), DamagedFileError when its config.yaml is damaged."""
+        self.check_writable()
+        if not self.holds_run or config.train.overwrite:
             return
         if not config.train.resume:
             raise RunConflictError(f"{self.root} already holds a run. Set resume: true to "

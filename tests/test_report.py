@@ -8,8 +8,10 @@ only ever reads those.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -26,7 +28,7 @@ from physlm.build import build_model
 from physlm.config import from_flat
 from physlm.files import read_jsonl, write_jsonl
 from physlm.model import count_parameters
-from physlm.runs import find_control, load_run
+from physlm.runs import RunDirectory, find_control, load_run
 from physlm.trainer import train
 
 TINY = {"dataset": "fixture", "d_model": 16, "n_layers": 2, "n_seq": 16, "vocab_size": 300,
@@ -303,9 +305,16 @@ def test_unfinished_run_reports_what_exists(run_dir: Path, tmp_path: Path) -> No
 
 
 def test_physics_off_run_says_the_penalty_never_ran(run_dir: Path, tmp_path: Path) -> None:
+    """A control reported alone: no physics epoch, so no physics section, criterion or count
+    of "0 physics" epochs; its epochs are one table."""
     text = render(run_dir / "control")
     assert "The physics penalty never ran" in text[:text.index("## Summary")]
-    assert criteria(text)[DRIFT] == criteria_module.NOT_EVALUATED
+    assert "for 3 of 3 epochs, on the language-model loss alone" in section(text, "Summary")
+    assert "physics)" not in section(text, "Summary") and DRIFT not in criteria(text)
+    assert "## Epochs\n" in text and "## Warmup epochs" not in text
+    for heading in ("Physics epochs", "Energy conservation", "Lambda evolution",
+                    "Final results vs. control", "Phase comparison"):
+        assert f"## {heading}" not in text, heading
 
 
 def test_model_without_energy_heads(run_dir: Path, tmp_path: Path) -> None:
@@ -321,10 +330,11 @@ def test_model_without_energy_heads(run_dir: Path, tmp_path: Path) -> None:
         write_jsonl(path, [{k: v for k, v in r.items() if k not in energy_keys}
                            for r in read_jsonl(path)])
     text = render(copy)
-    assert "No multiplier was logged" in section(text, "Lambda evolution")
+    assert "## Lambda evolution" not in text
+    assert settings(section(text, "Model configuration"))["energy_heads"] == "no"
     assert len(report.lambda_table(load_run(copy))) == 3
     run = load_run(copy)
-    assert list(plots.make_figures(run, None)) == FIGURES
+    assert list(plots.make_figures(run, None)) == FIGURES[2:]   # no energy, no multiplier
 
 
 def test_cli_writes_the_report(run_dir: Path, tmp_path: Path, capsys, monkeypatch,
@@ -332,7 +342,8 @@ def test_cli_writes_the_report(run_dir: Path, tmp_path: Path, capsys, monkeypatc
     base = tmp_path_factory.getbasetemp()
     monkeypatch.chdir(base)  # the regenerate command names paths relative to the working dir
     assert main(["report", str(run_dir), "--out-dir", str(tmp_path)]) == 0
-    assert Path(capsys.readouterr().out.strip()) == tmp_path / "run.md"
+    assert capsys.readouterr().out.split() == [str(tmp_path / "run.md"),
+                                               str(tmp_path / "run.html")]
     assert (tmp_path / "run" / "energy_drift.png").is_file()
     assert f"python -m physlm report {run_dir.relative_to(base)} --out-dir " \
            f"{tmp_path.relative_to(base)}" in (tmp_path / "run.md").read_text()
@@ -439,3 +450,140 @@ def test_a_target_met_by_the_heads_alone_is_not_called_met(run_dir: Path, tmp_pa
     text = render(copy)
     assert criteria(text)[DRIFT] == criteria_module.INACTIVE
     assert "The penalty is inactive in the steady state" in text[:text.index("## Summary")]
+
+
+# ---------------------------------------------------------------- every kind of run
+
+BASELINE = {"energy_heads": False, "energy_penalty": False}
+KINDS_OF_RUN = {  # name -> (settings over TINY, what its summary says it trained)
+    "lstm": ({**BASELINE, "architecture": "lstm"}, "an LSTM (embedding tied to the output)"),
+    "transformer": ({**BASELINE, "architecture": "transformer"},
+                    "a Transformer (causal GPT, pre-LN)"),
+    "physics_free": ({"physics_start_epoch": 2}, "a ResNet-BK model"),
+    "control": ({"energy_penalty": False}, "a ResNet-BK model"),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS_OF_RUN))
+def test_every_kind_of_run_gets_a_report_of_its_own_architecture(
+        kind: str, tmp_path: Path, capsys) -> None:
+    """A baseline, a physics-free ResNet-BK and a control alone: `physlm report` writes the
+    markdown, its figures and the HTML page, and the report speaks of the model that ran (no
+    BK core or experts for a baseline, no "0 physics" epochs, no physics sections)."""
+    overrides, trained = KINDS_OF_RUN[kind]
+    config = from_flat({**TINY, "epochs": 2, "max_train_batches": 2, "max_eval_batches": 1,
+                        **overrides})
+    with pytest.warns(UserWarning) if kind == "physics_free" else contextlib.nullcontext():
+        train(config, tmp_path / kind)
+    assert main(["report", str(tmp_path / kind), "--out-dir", str(tmp_path / "out")]) == 0
+    md, html = (tmp_path / "out" / f"{kind}.{suffix}" for suffix in ("md", "html"))
+    assert capsys.readouterr().out.split() == [str(md), str(html)]
+    text = md.read_text()
+    summary = section(text, "Summary")
+    assert f"trained {trained} with " in summary, summary
+    assert "for 2 of 2 epochs, on the language-model loss alone" in summary
+    assert ("BK core" in summary) == (config.model.architecture == "resnet_bk")
+    model = settings(section(text, "Model configuration"))
+    assert model["architecture"] == config.model.architecture
+    assert ("num_experts" in model) == ("bk_mode" in model) == ("BK core" in summary)
+    assert ("n_heads" in model) == (kind == "transformer")
+    assert "lambda_lr" not in settings(section(text, "Training configuration"))
+    assert "physics)" not in text and "## Physics epochs" not in text
+    assert "Router load" not in text if kind in ("lstm", "transformer") else True
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
+    assert [Path(link).stem for link in links] == FIGURES[2:]
+    assert all((md.parent / link).read_bytes()[:4] == b"\x89PNG" for link in links)
+    page = html.read_text()
+    assert re.search(rf"<h1>physlm report: {kind}</h1>", page)
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == len(links)
+
+
+# ---------------------------------------------------------------- the HTML page
+
+def test_inline_figures_embeds_local_images_only(tmp_path):
+    (tmp_path / "my run").mkdir()
+    (tmp_path / "my run" / "a b.png").write_bytes(b"\x89PNG fake")
+    text = ("# R\n\n![Loss, per epoch](my%20run/a%20b.png)\n\n![web](https://x.org/y.png)\n\n"
+            "![gone](missing.png) and [a link](my%20run/a%20b.png)\n\n![new](new.png)\n")
+    inlined = report.inline_figures(text, tmp_path, {tmp_path / "new.png": b"\x89PNG"})
+    assert "![Loss, per epoch](data:image/png;base64,iVBORyBmYWtl)" in inlined
+    assert "![web](https://x.org/y.png)" in inlined and "![gone](missing.png)" in inlined
+    assert "[a link](my%20run/a%20b.png)" in inlined
+    assert "![new](data:image/png;base64,iVBORw==)" in inlined   # drawn, not written yet
+
+
+def test_html_page_is_the_report_with_its_figures_and_no_script(
+        written: tuple[Path, str]) -> None:
+    path, text = written
+    page = path.with_suffix(".html").read_text(encoding="utf-8")
+    assert "<title>physlm report: run</title>" in page and "<script" not in page
+    for heading in re.findall(r"^#+ (.+)$", text, re.M):
+        assert re.search(rf"<h[123]>{re.escape(heading)}</h[123]>", page), heading
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == len(FIGURES)
+    assert page.count("<table>") == text.count("\n|:") + text.count("\n|-")
+
+
+def test_html_page_escapes_what_comes_from_the_run(run_dir: Path, tmp_path: Path) -> None:
+    """A run's settings and records are text, never markup, in the page: a data_dir named as
+    an HTML handler and a record holding a javascript: link stay inert (and visible)."""
+    copy = copy_run(run_dir, tmp_path / "run")
+    attack = "<img src=x onerror=alert(1)>"
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    (copy / "config.yaml").write_text(yaml.safe_dump({**config, "data_dir": attack}))
+    env = json.loads((copy / "env.json").read_text())
+    env.update(git_commit="[x](javascript:alert(2))", device="<script>alert(3)</script>")
+    (copy / "env.json").write_text(json.dumps(env))
+    path = report.write_report(copy, out_dir=tmp_path / "out")
+    assert attack in path.read_text()       # the markdown says what the setting is
+    page = path.with_suffix(".html").read_text()
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    for live in ("<img src=x", "onerror=alert(1)>", "javascript:", "<script>"):
+        assert live not in page, live
+
+
+# ---------------------------------------------------------------- unfinished runs
+
+def test_a_running_run_is_reported_in_progress(run_dir: Path, tmp_path: Path) -> None:
+    """An unfinished run shows its finished epochs and says whether it is being trained now
+    (its directory is locked by a live process) or stopped."""
+    copy = copy_run(run_dir, tmp_path / "run", control=False)
+    epochs = copy / "metrics" / "epochs.jsonl"
+    write_jsonl(epochs, read_jsonl(epochs)[:2])
+    stopped = render(copy)
+    assert "It is not running now" in stopped and "in progress" not in stopped
+    with RunDirectory(copy).lock():
+        running = render(copy)
+    head = running[:running.index("## Summary")]
+    assert f"The run is in progress: process {os.getpid()} (" in head
+    assert "2 of 3 epochs finished" in head
+    assert len(tables(section(running, "Physics epochs"))[0]) == 1
+
+
+def test_an_unfinished_control_is_not_called_the_same_budget(run_dir: Path,
+                                                             tmp_path: Path) -> None:
+    copy = copy_run(run_dir, tmp_path / "run")
+    epochs = copy / "control" / "metrics" / "epochs.jsonl"
+    write_jsonl(epochs, read_jsonl(epochs)[:2])
+    summary = section(render(copy), "Summary")
+    assert "against a control run with the energy penalty off" in summary
+    assert "same model, data, seed and budget" not in summary
+    assert "the control is unfinished (2 of 3 epochs)" in summary
+    assert "(same model, data, seed and budget)" in section(render(run_dir), "Summary")
+
+
+def test_a_report_that_fails_leaves_the_previous_one(run_dir: Path, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    """Everything is drawn and rendered before the first file is replaced: a report of new
+    data that fails (or is killed) mid-way leaves the previous report whole."""
+    copy = copy_run(run_dir, tmp_path / "run")
+    out = tmp_path / "out"
+    report.write_report(copy, out_dir=out)
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    edit_epochs(copy, val_ppl=1e6, val_loss=13.8, train_loss=13.8)   # other figures now
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, "render_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(copy, out_dir=out)
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
