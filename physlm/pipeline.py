@@ -61,7 +61,7 @@ class PipelineOptions:
 
     params_file: str | None = None   # YAML parameter file (flat config keys)
     run_dir: str | None = None       # default runs/<name> (Config.run_name)
-    control_run: bool = True         # also train the physics-off baseline in <run_dir>/control
+    control_run: bool = True         # also the physics-off baseline (see trains_control)
     report_dir: str = REPORTS_ROOT
     workers: int = 1                 # 2: the physics stages of run and control side by side
 

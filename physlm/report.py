@@ -1,8 +1,9 @@
-"""The markdown results report of a saved run (SPEC section 5): `write_report("runs/x")`
-writes reports/x.md and its figures in reports/x/, from the run directory (physlm.runs) and
-its control run (the baseline). This module gathers the report's data (`ReportData`: the
-summary, every table with the kinds of its numbers); templates/report.md.j2 lays it out. No
-absolute path enters a report: files by name and checksum, directories relative."""
+"""The results report of a saved run (SPEC section 5): `write_report("runs/x")` writes
+reports/x.md, its figures in reports/x/ and the same report as one page, reports/x.html,
+from the run directory (physlm.runs) and its control run (the baseline). This module gathers
+the report's data (`ReportData`: the summary, every table with the kinds of its numbers);
+templates/report.md.j2 lays it out, templates/report.html.j2 holds the page. No absolute
+path enters a report: files by name and checksum, directories relative."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
+import mistune  # the markdown renderer of nbconvert too
 import pandas as pd
 
 import physlm
@@ -30,8 +32,9 @@ from physlm.text import NA, Table, environment, fmt, portable, rows
 
 FIGURE_CAPTIONS = plots.CAPTIONS
 # What ran, as the report's summary names it (Config.model.architecture).
-ARCHITECTURES = {"resnet_bk": "a ResNet-BK model", "transformer": "a Transformer (causal GPT, "
-                 "pre-LN)", "lstm": "an LSTM (embedding tied to the output)"}
+ARCHITECTURES = {"resnet_bk": "a ResNet-BK model",
+                 "transformer": "a Transformer (causal GPT, pre-LN)",
+                 "lstm": "an LSTM (embedding tied to the output)"}
 # Every epoch-table column: its title -> (the epoch record's key, the kind of its numbers).
 COLUMNS = {"Phase": ("phase", None), "Train loss": ("train_loss", "loss"),
            "LM loss": ("train_lm_loss", "loss"),
@@ -168,9 +171,8 @@ def report_data(run: RunData, control: RunData | None, figures: dict[str, Path],
     load = load if any(load) else []  # a baseline's layers have no experts
     router = pd.DataFrame(load, index=pd.RangeIndex(1, len(load) + 1, name="Layer")).rename(
         columns=lambda expert: f"Expert {expert + 1}").reset_index()  # token share per expert
-    physics = {"energy_penalty": c.physics.energy_penalty, **(
-        {"Physics from epoch (1-based)": c.warmup_epochs + 1} if c.trains_with_physics else {}),
-        **(vars(c.physics) if c.trains_with_physics else {})}  # else none of them acts
+    physics = ({"Physics from epoch (1-based)": c.warmup_epochs + 1, **vars(c.physics)}
+               if c.trains_with_physics else {"energy_penalty": c.physics.energy_penalty})
     progression = energy_progression_table(run)
     logged = len(progression) and progression["Energy MSE (raw)"].notna().all()
     steps = run.steps
@@ -295,8 +297,6 @@ def render_html(markdown: str, title: str) -> str:
     (inline_figures first). Every HTML tag in the markdown is escaped, shown as the text it
     is: a run's settings and records (a data_dir named `<img onerror=...>`) never become
     markup, nor a link to javascript:."""
-    import mistune  # the markdown renderer of nbconvert
-
     body = mistune.create_markdown(escape=True, plugins=["table"])(markdown)
     return environment().get_template("report.html.j2").render(title=title, body=body)
 

@@ -96,6 +96,7 @@ def environment() -> jinja2.Environment:
     (*.html.j2) escapes every value it is given unless marked safe."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("physlm"), trim_blocks=True,
                              lstrip_blocks=True, undefined=jinja2.StrictUndefined,
-                             autoescape=jinja2.select_autoescape(["html.j2"]))
+                             autoescape=jinja2.select_autoescape(["html.j2"],
+                                                                 default_for_string=False))
     env.filters.update(fmt=fmt, table=table, portable=portable, paragraph=paragraph)
     return env
