@@ -429,14 +429,15 @@ def tally(cases: list[Case], in_process: bool) -> dict[str, int]:
             outcome = run_case(case, tmp, in_process)
             kind, why = classify(case, outcome, tmp)
         counts[kind] += 1
-        framed += kind == "clean" and case.papermill and "Traceback" in outcome.output
+        framed += kind == "clean" and case.papermill and not case.succeeds
         waits = f"[waits for item {case.item}] " if case.waits else ""
         print(f"{kind:5}  {case.name:38} {waits}{why}", flush=True)
     total = sum(counts.values())
     print(f"\n{total} cases: {counts['clean']} clean, {counts['noisy']} noisy, "
           f"{counts['wrong']} wrong")
     if framed:
-        print(f"({framed} clean papermill cases print papermill's own traceback before the "
-              f"notebook's one line; counted as noise, as the issue's probe did: "
-              f"{counts['clean'] - framed} clean, {counts['noisy'] + framed} noisy)")
+        print(f"({framed} clean papermill cases fail a notebook, which papermill answers with "
+              f"its own traceback above the notebook's one line; counted as noise, as the "
+              f"issue's probe did: {counts['clean'] - framed} clean, "
+              f"{counts['noisy'] + framed} noisy)")
     return counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import re
 import subprocess
@@ -24,6 +25,8 @@ from physlm.pipeline import PIPELINE_KEYS, StageError
 from physlm.report import fmt
 from physlm.runs import RunDirectory, default_run_dir
 from physlm.trainer import train
+
+from .test_report import KINDS_OF_RUN
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -218,20 +221,27 @@ def test_the_pipeline_holds_the_run_and_control_locks_for_all_stages(tmp_path, t
         holder.wait()
 
 
-def test_a_baseline_pipeline_reports_its_own_model_without_a_control(tmp_path, tiny_config,
-                                                                     monkeypatch, capsys):
-    """An LSTM through the pipeline: no control to train (it has no energy penalty: it is its
-    own), and the analysis stage writes the report, markdown and page, as `physlm report`."""
+@pytest.mark.parametrize("kind", list(KINDS_OF_RUN))
+def test_every_kind_of_run_gets_its_report_from_the_pipeline(kind, tmp_path, tiny_config,
+                                                             monkeypatch, capsys):
+    """A baseline, a physics-free ResNet-BK and a control alone through the pipeline: the
+    analysis stage writes the report, markdown and page, as `physlm report` does, of the
+    model that ran; a run without the energy penalty is its own control, so none is trained."""
     calls: list[str] = []
     monkeypatch.setattr(pipeline, "run_stage", _in_process_stage(calls))
-    config = tiny_config(architecture="lstm", energy_heads=False, energy_penalty=False,
-                         epochs=2)
+    overrides, trained = KINDS_OF_RUN[kind]
+    config = tiny_config(epochs=2, **overrides)
     options = pipeline.PipelineOptions(report_dir=str(tmp_path / "reports"))
-    path = pipeline.run_pipeline(config, tmp_path / "run", options)
-    assert calls == ["warmup", "physics", "analysis"]
-    assert "control: none to train" in capsys.readouterr().out
-    assert not (tmp_path / "run" / "control").exists()
-    assert "an LSTM" in path.read_text() and path.with_suffix(".html").is_file()
+    with pytest.warns(UserWarning) if kind == "physics_free" else contextlib.nullcontext():
+        path = pipeline.run_pipeline(config, tmp_path / "run", options)
+    own_control = not config.physics.energy_penalty
+    # (physics-free: the warmup is every epoch, and the control forks at its end)
+    assert calls == (["warmup", "analysis"] if kind == "physics_free" else
+                     ["warmup", "physics", "analysis"])
+    assert ("control: none to train" in capsys.readouterr().out) == own_control
+    assert (tmp_path / "run" / "control").exists() != own_control
+    assert f"trained {trained} with " in path.read_text()
+    assert path.with_suffix(".html").is_file()
     assert sorted(p.name for p in pipeline.report_figures(path)) == [
         "gradients.png", "losses.png", "perplexity.png", "time.png"]
 
