@@ -17,7 +17,8 @@ LAYERS = (
     ("models", ("model", "transformer", "lstm", "physics", "build", "objectives")),
     ("runs", ("data", "ngram", "checkpoint", "lock", "provenance", "rundata", "runs", "evaluation",
               "trainer", "generate")),
-    ("analysis", ("criteria", "plots", "statistics", "report", "history", "progress")),
+    ("analysis", ("criteria", "plots", "statistics", "report_tables", "report", "history",
+                  "progress")),
     ("workflows", ("executor", "study", "study_report", "pipeline", "search", "search_report")),
     ("entry points", ("__main__", "colab")),
 )

@@ -18,21 +18,19 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import physlm
 from physlm.config import REPORTS_ROOT, load_config
-from physlm.errors import CommandError, ConfigError, GenerationError, known_error, one_line
+from physlm.errors import CommandError, GenerationError, known_error, one_line
 from physlm.values import parse_assignment
+
+PACKAGE = Path(physlm.__file__).resolve().parent
 
 
 def _config(args: argparse.Namespace):
-    overrides = dict(parse_assignment(text) for text in args.set)
-    try:
-        return load_config(args.params, overrides)
-    except UnicodeDecodeError as error:  # the parameter file, the only text read here
-        raise ConfigError(f"{args.params} is not UTF-8 text (undecodable byte at offset "
-                          f"{error.start}); re-encode it to UTF-8") from error
+    return load_config(args.params, dict(parse_assignment(text) for text in args.set))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -60,17 +58,14 @@ def _report(args: argparse.Namespace) -> None:
     if not run.config.is_file():
         raise CommandError("not a run directory", f"{args.run_dir} has no config.yaml; give "
                            "the run_dir of a training run", 2)
-    try:
-        run.read_config()
-    except (ConfigError, UnicodeDecodeError) as error:
-        raise CommandError("damaged run directory", f"{run.config}: {one_line(error)}; "
-                           "restore the file, or train the run again", 1) from error
+    run.read_config()  # a damaged one is named before anything is written
     reason = why_not_writable(args.out_dir)
     if reason:
         raise CommandError("cannot write", f"--out-dir {args.out_dir}: {reason}; choose "
                            "another --out-dir", 1)
-    print(write_report(args.run_dir, out_dir=args.out_dir, control_dir=args.control_dir,
-                       name=args.name))
+    report = write_report(args.run_dir, out_dir=args.out_dir, control_dir=args.control_dir,
+                          name=args.name)
+    print(f"{report}\n{report.with_suffix('.html')}")
 
 
 def _study(args: argparse.Namespace) -> None:
@@ -124,6 +119,16 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"physlm: note: wrote {RunDirectory(args.run_dir).samples}", file=sys.stderr)
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file=None, line: str | None = None) -> None:
+    """physlm's own warnings as one line, `physlm: warning: <message>` (others as Python
+    shows them)."""
+    if Path(filename).resolve().is_relative_to(PACKAGE):
+        print(f"physlm: warning: {one_line(str(message))}", file=file or sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> int:
     physlm.passive_openmp()   # before any command imports torch
     argv = sys.argv[1:] if argv is None else argv
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--until-epoch", type=int, help="stop before this epoch index")
     train.set_defaults(handler=_train)
 
-    report = commands.add_parser("report", help="write the markdown report of a saved run")
+    report = commands.add_parser("report", help="write the report of a saved run (markdown "
+                                 "with its figures, and the same as one HTML page)")
     report.add_argument("run_dir", type=Path)
     report.add_argument("--out-dir", type=Path, default=Path(REPORTS_ROOT))
     report.add_argument("--control-dir", type=Path, help="default <run_dir>/control")
@@ -191,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        args.handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args.handler(args)
     except KeyboardInterrupt:
         print("physlm: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -300,16 +300,19 @@ def max_consecutive(flags: pd.Series) -> int:
 
 
 def criteria_table(run: RunData, s: Summary) -> pd.DataFrame:
-    """Each success criterion with its value, threshold and status, from the data."""
+    """Each success criterion with its value, threshold and status, from the data (the
+    energy's only for a run that trains with physics)."""
     steady = f"after {s.settle} settle epoch{'s' * (s.settle != 1)}"
     band = f"within ±{s.tolerance:.0%}"
+    energy = [
+        (f"Steady-state drift <= target ({steady})", s.steady_drift, s.target, s.drift_status),
+        ("Energy constraint not degenerate (min spread of H)", s.spread_min,
+         f"> {s.floor:g}", STATUS[None if s.degenerate is None else not s.degenerate])]
     rows = [
         ("Training finished all epochs", f"{s.epochs_done} / {s.epochs_planned}",
          f"{s.epochs_planned} epochs", STATUS[s.epochs_done >= s.epochs_planned]),
         ("No non-finite (skipped) steps", s.skipped, "0", STATUS[s.skipped == 0]),
-        (f"Steady-state drift <= target ({steady})", s.steady_drift, s.target, s.drift_status),
-        ("Energy constraint not degenerate (min spread of H)", s.spread_min,
-         f"> {s.floor:g}", STATUS[None if s.degenerate is None else not s.degenerate]),
+        *(energy if run.config.trains_with_physics else []),
         ("Final val PPL vs the control", s.ppl_ratio, f"ratio {band}", s.final_status),
         ("Best val PPL vs the control's best", s.best_ratio, f"ratio {band}", s.best_status),
         ("Val loss below the untrained model's", s.final_val_loss,

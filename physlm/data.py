@@ -217,6 +217,12 @@ def _local_files(data: DataConfig) -> dict[str, Path] | None:
     return None
 
 
+def check_sources(data: DataConfig) -> None:
+    """Find the text files the settings name, reading none (DataError when one is missing):
+    a pipeline checks this before its first stage. (The hub is reached only when loading.)"""
+    _local_files(data)
+
+
 def split_lines(data: DataConfig, split: str) -> list[str]:
     """The text lines of one split ("train" or "valid"), from the source `load_corpus`
     reads (the fixed prompts of physlm.generate come from the validation text)."""

@@ -29,11 +29,10 @@ class NotWritableError(PermissionError):
     for the callers that catch that)."""
 
 
-class DamagedFileError(ConfigError):
+class DamagedFileError(ValueError):
     """A file of a run directory cannot be read as what it should hold: empty, cut short,
-    not UTF-8, not JSON or YAML, or a record without the fields every record has. The
-    message names the file (and line) and what to do. (A ConfigError, so that the command
-    line and the notebooks show it as one line, as they show the run's settings.)"""
+    not UTF-8, not JSON or YAML, settings that are not valid, or a record without the fields
+    every record has. The message names the file (and line) and what to do."""
 
 
 class RunBusyError(RuntimeError):
@@ -90,6 +89,7 @@ USER_ERRORS: dict[type[Exception], tuple[str, int]] = {
     RunBusyError: ("run directory busy", 1),
     RunConflictError: ("cannot train", 1),
     NotWritableError: ("cannot write", 1),
+    DamagedFileError: ("damaged run directory", 1),
     StageError: ("pipeline stage failed", 1),
 }
 

@@ -172,8 +172,9 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (),
         except json.JSONDecodeError as error:
             if number == len(lines):  # no newline after it: cut short by a crash
                 if warn_torn:
-                    warnings.warn(f"{path}:{number}: the last record was cut short by a crash "
-                                  "mid-write and is left out", TornRecordWarning, stacklevel=2)
+                    warnings.warn(f"{path}:{number}: the last record is torn (cut short by a "
+                                  "crash mid-write) and is left out", TornRecordWarning,
+                                  stacklevel=2)
                 break
             raise DamagedFileError(f"{path}:{number} is damaged: not valid JSON "
                                    f"({error.msg}, column {error.colno}); {_REPAIR}") from None

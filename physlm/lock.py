@@ -67,20 +67,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def held_by(root: str | Path) -> str | None:
+    """Who holds the lock of `root` now, as its holder file says ("process N (what it is)");
+    None when no live process does (e.g. a report asking whether a run is in progress)."""
+    try:
+        pid, _, command = (Path(root) / HOLDER_NAME).read_text().strip().partition(" ")
+    except OSError:
+        return None
+    return f"process {pid} ({command})" if pid.isdigit() and _alive(int(pid)) else None
+
+
 def holder(root: str | Path, patience: float = 1.0) -> str:
     """Who holds the lock of `root`, as its holder file says. A holder that has just taken
     the lock may not have written it yet, over that of a dead one: wait for it a little."""
     deadline = time.monotonic() + patience
-    while True:
-        try:
-            pid, _, command = (Path(root) / HOLDER_NAME).read_text().strip().partition(" ")
-        except OSError:
-            pid, command = "", ""
-        if pid.isdigit() and _alive(int(pid)):
-            return f"process {pid} ({command})"
+    while (found := held_by(root)) is None:
         if time.monotonic() > deadline:
             return "another process"
         time.sleep(0.02)
+    return found
 
 
 def _acquire(key: Path, shown: Path, description: str | None) -> list:

@@ -1,7 +1,8 @@
 """Training metrics: a step's JSON record, an epoch's running totals, the console figures.
 
 A step record (metrics/steps.jsonl) holds per-layer statistics as lists
-(`drift_per_layer`, ...) and, under the short name, their mean over layers. An
+(`drift_per_layer`, ...) and, under the short name, their mean over layers; null where the
+step did not compute them (a warmup step's energy), as in the epoch records. An
 epoch record (metrics/epochs.jsonl) is built from running sums of its steps
 (`EpochTotals`), which the checkpoint carries, so an epoch interrupted and
 resumed mid-way gives the same record as an uninterrupted one. Which fields an auxiliary
@@ -38,8 +39,9 @@ def step_record(pending: dict[str, Any], step_time: float,
     record = {**STEP_DEFAULTS, **{k: (v.tolist() if isinstance(v, torch.Tensor) else v)
                                   for k, v in pending.items()}}
     for name, per_layer in layer_means.items():
-        if per_layer in record:
-            record[name] = sum(record[per_layer]) / len(record[per_layer])
+        if per_layer in record:  # null where the step computed none
+            values = record[per_layer]
+            record[name] = None if values is None else sum(values) / len(values)
     record["time_s"] = step_time
     record["tokens_per_s"] = record.pop("tokens") / step_time
     return record

@@ -111,7 +111,6 @@ class EnergyObjective(Objective):
         self.module = self.penalty = penalty
         self.fit_in_warmup = config.physics.fit_heads_in_warmup
         self.clip_mode = config.physics.clip_mode
-        self.layers = config.model.n_layers
         self.previous: torch.Tensor | None = None   # the previous batch's token embeddings
         self.previous_batch_size = 0                 # its global size
 
@@ -128,12 +127,12 @@ class EnergyObjective(Objective):
 
     def after_step(self, stats: dict[str, torch.Tensor] | None, skipped: torch.Tensor,
                    physics: bool) -> dict[str, Any]:
-        """The multiplier controller's step (physics steps only), then the fields: zeros for
-        the statistics of a step that computed no energy, and lambda after the update."""
+        """The multiplier controller's step (physics steps only), then the fields: null for
+        the statistics of a step that computed no energy (as in the epoch records), and
+        lambda after the update."""
         if stats is not None and physics:
             self.penalty.update(stats["drift_per_layer"], skipped=skipped)
-        zeros = torch.zeros(self.layers, device=skipped.device)
-        return {**{field: zeros for field in ENERGY_RECORD.values() if stats is None},
+        return {**{field: None for field in ENERGY_RECORD.values() if stats is None},
                 self.flag: stats is not None,
                 "lambda_per_layer": self.penalty.lambdas.detach().clone()}
 
@@ -178,7 +177,6 @@ class KoopmanObjective(Objective):
         self.koopman = koopman
         self.weight = config.physics.koopman_weight
         self.clip_mode = config.physics.clip_mode
-        self.layers = config.model.n_layers
 
     def term(self, out: ModelOutput, batch_size: int, physics: bool) -> Term | None:
         if not physics:
@@ -191,9 +189,8 @@ class KoopmanObjective(Objective):
 
     def after_step(self, stats: dict[str, torch.Tensor] | None, skipped: torch.Tensor,
                    physics: bool) -> dict[str, Any]:
-        zeros = torch.zeros(self.layers, device=skipped.device)
         return {self.flag: stats is not None,
-                **{field: zeros for field in KOOPMAN_AVERAGED if stats is None}}
+                **{field: None for field in KOOPMAN_AVERAGED if stats is None}}
 
     def epoch_fields(self, sums: Sums) -> dict[str, Any]:
         return {**{key: sums.mean(key) for key in KOOPMAN_AVERAGED},

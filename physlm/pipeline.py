@@ -6,8 +6,8 @@
     warmup.ipynb     train(config, run_dir, until_epoch=config.warmup_epochs)  (physics off)
     physics.ipynb    train(config, run_dir): the remaining epochs, physics penalty on
     control          the same two stages with energy_penalty: false, in <run_dir>/control
-    analysis.ipynb   tables, plots and the markdown report (physlm.report), which it also
-                     displays; the pipeline exports that display as reports/<name>.html
+    analysis.ipynb   tables, plots and the report (physlm.report.write_report: markdown with
+                     its figures, and the same as one HTML page), which it also displays
 
 The executed copy of every stage is kept in <run_dir>/notebooks/<stage>.ipynb (the
 control's in <run_dir>/control/notebooks/). Every stage receives the same resolved
@@ -28,10 +28,8 @@ own errors (a bad parameter, missing data, a failed stage) as one line instead o
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
-import mimetypes
 import re
 import sys
 import time
@@ -44,8 +42,9 @@ from typing import Any
 from urllib.parse import unquote
 
 from physlm.config import ALIASES, KEYS, REPORTS_ROOT, Config, from_flat, load_config
-from physlm.errors import USER_ERRORS, ConfigError, StageError, one_line
+from physlm.errors import USER_ERRORS, ConfigError, NotWritableError, StageError, one_line
 from physlm.executor import threads_per_worker
+from physlm.files import why_not_writable
 from physlm.progress import follow, say
 from physlm.runs import RunDirectory, default_run_dir
 from physlm.values import parse_options, suggest
@@ -54,7 +53,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
 # Stage kernels log errors only: their start-up warnings would land in the caller's output.
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
-REPORT_TAG = "report"  # the analysis notebook's cell that displays the report (the HTML page)
 
 
 @dataclass
@@ -63,9 +61,15 @@ class PipelineOptions:
 
     params_file: str | None = None   # YAML parameter file (flat config keys)
     run_dir: str | None = None       # default runs/<name> (Config.run_name)
-    control_run: bool = True         # also train the physics-off baseline in <run_dir>/control
+    control_run: bool = True         # also the physics-off baseline (see trains_control)
     report_dir: str = REPORTS_ROOT
     workers: int = 1                 # 2: the physics stages of run and control side by side
+
+    def validate(self) -> PipelineOptions:
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1 (2: the physics stages of the run and its "
+                              f"control side by side), got {self.workers}")
+        return self
 
 
 PIPELINE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PipelineOptions))
@@ -98,7 +102,8 @@ def resolve(params: Mapping[str, Any]) -> tuple[Config, Path, PipelineOptions]:
             raise ConfigError(f"unknown parameter {key!r}{suggest(key, KEYS + PIPELINE_KEYS)}")
     params = {key: value for key, value in params.items() if value is not None}
     options = parse_options(PipelineOptions, {key: value for key, value in params.items()
-                                              if key in PIPELINE_KEYS}, "pipeline parameter")
+                                              if key in PIPELINE_KEYS},
+                            "pipeline parameter").validate()
     config = load_config(options.params_file,
                          {key: value for key, value in params.items()
                           if key not in PIPELINE_KEYS})
@@ -199,6 +204,34 @@ def train_with_control(config: Config, run: RunDirectory, workers: int = 1) -> N
             future.result()
 
 
+def check_ready(config: Config, run: RunDirectory, options: PipelineOptions) -> None:
+    """What the stages will need, checked before the first one starts, creating nothing: the
+    data files are there, the device is here, report_dir can be written, and the run
+    directory (and the control's) accepts these settings. A refusal leaves no trace: no run
+    directory, lock or executed notebook."""
+    from physlm.data import check_sources
+    from physlm.distributed import resolve_device
+
+    if not NOTEBOOKS.is_dir():
+        raise FileNotFoundError(f"stage notebooks not found in {NOTEBOOKS}; the pipeline needs "
+                                "a source checkout (git clone, then pip install -e .)")
+    check_sources(config.data)
+    resolve_device(config.train.device)
+    reason = why_not_writable(options.report_dir)
+    if reason:
+        raise NotWritableError(f"report_dir {options.report_dir}: {reason}; choose another "
+                               "report_dir")
+    run.check_accepts(config)
+    if trains_control(config, options):
+        run.control.check_accepts(config.control())
+
+
+def trains_control(config: Config, options: PipelineOptions) -> bool:
+    """Whether the pipeline trains the control: asked for, and not the run itself (a run
+    without the energy penalty, a baseline, is its own physics-off control)."""
+    return options.control_run and config.control() != config
+
+
 def run_pipeline(config: Config, run_dir: str | Path, options: PipelineOptions) -> Path:
     """Warmup, physics, control (if options.control_run) and analysis; return the report.
 
@@ -206,20 +239,21 @@ def run_pipeline(config: Config, run_dir: str | Path, options: PipelineOptions) 
     The run directory and its control directory stay locked until the end: the stage
     kernels, separate processes, write in them while this process holds the locks.
     """
-    if not NOTEBOOKS.is_dir():
-        raise FileNotFoundError(f"stage notebooks not found in {NOTEBOOKS}; the pipeline needs "
-                                "a source checkout (git clone, then pip install -e .)")
     run = RunDirectory(Path(run_dir).resolve())
     report_dir = Path(options.report_dir).resolve()
+    check_ready(config, run, options)
     with run.lock(), run.control.lock():
-        if options.control_run:
+        if trains_control(config, options):
             train_with_control(config, run, options.workers)
         else:
+            if options.control_run:
+                say("control: none to train (the run has no energy penalty: it is its own "
+                    "physics-off control)")
             train_run(config, run.root)
-        executed = run_stage("analysis", NOTEBOOKS / "analysis.ipynb", run.root,
-                             {"run_dir": str(run.root), "report_dir": str(report_dir)})
+        run_stage("analysis", NOTEBOOKS / "analysis.ipynb", run.root,
+                  {"run_dir": str(run.root), "report_dir": str(report_dir)})
     report = report_dir / f"{run.name}.md"
-    say(f"analysis: wrote {report} and {write_html_report(executed, report.with_suffix('.html'))}")
+    say(f"analysis: wrote {report} and {report.with_suffix('.html')}")
     return report
 
 
@@ -229,55 +263,6 @@ def report_figures(report_path: str | Path) -> list[Path]:
     report_path = Path(report_path)
     links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", report_path.read_text(encoding="utf-8"))
     return [report_path.parent / unquote(link) for link in links]
-
-
-def inline_figures(markdown: str, base_dir: str | Path) -> str:
-    """`markdown` with its local image links (`![caption](path)`, relative to `base_dir`)
-    replaced by data URIs, so that the text alone holds its figures."""
-    def embed(match: re.Match[str]) -> str:
-        caption, link = match.groups()
-        path = Path(base_dir) / unquote(link)
-        if re.match(r"[a-z][a-z0-9+.-]*:", link, re.I) or not path.is_file():
-            return match.group(0)  # a URL (http:, data:) or a missing file stays a link
-        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        return f"![{caption}](data:{kind};base64,{data})"
-    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", embed, markdown)
-
-
-# nbconvert's JupyterLab page without its scripts, which load require.js and MathJax from
-# the web: the report needs none, and MathJax would typeset any text between two "$".
-HTML_TEMPLATE = """{%- extends 'index.html.j2' -%}
-{%- block html_head_js -%}{%- endblock html_head_js -%}
-{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
-{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
-"""
-
-
-def write_html_report(executed: str | Path, path: str | Path) -> Path:
-    """Write the report displayed by an executed analysis notebook as one HTML page.
-
-    The page is the output of the cells tagged REPORT_TAG (the report, figures embedded by
-    `inline_figures`), without code or prompts and without scripts: one file that works
-    offline, to open or send.
-    """
-    import jinja2
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    notebook = nbformat.read(executed, as_version=4)
-    notebook.cells = [cell for cell in notebook.cells
-                      if REPORT_TAG in cell.metadata.get("tags", [])] or notebook.cells
-    exporter = HTMLExporter(
-        exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True,
-        template_file="physlm_report.html.j2",
-        extra_loaders=[jinja2.DictLoader({"physlm_report.html.j2": HTML_TEMPLATE})])
-    path = Path(path)
-    body, _ = exporter.from_notebook_node(
-        notebook, resources={"metadata": {"name": f"physlm report: {path.stem}"}})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(body, encoding="utf-8")
-    return path
 
 
 # ------------------------------------------------------------------ errors in notebooks

@@ -61,6 +61,9 @@ def _mark_target(ax: Axes, run: RunData) -> None:
 
 
 def _auto_log(ax: Axes, values: pd.Series) -> None:
+    """A log axis for a positive series spanning more than LOG_RANGE (nulls, as in the records
+    of epochs that computed no energy, are left out)."""
+    values = pd.to_numeric(values, errors="coerce").astype(float)
     values = values[np.isfinite(values)]
     if len(values) and values.min() > 0 and values.max() / values.min() > LOG_RANGE:
         ax.set_yscale("log")
@@ -147,22 +150,29 @@ def lambda_figure(run: RunData) -> Figure:
 
 
 def loss_figure(run: RunData) -> Figure:
-    """Total, LM and energy losses per step (smoothed) and per epoch (with validation)."""
-    figure, axes = new_figure(f"{run.name}: loss components", ncols=2, nrows=2)
-    (lm_steps, energy_steps), (lm_epochs, energy_epochs) = axes
+    """Total, LM and energy losses per step (smoothed) and per epoch (with validation); the
+    energy's row only for a run that trains with physics."""
+    energy = run.config.trains_with_physics
+    figure, axes = new_figure(f"{run.name}: loss components", ncols=2, nrows=1 + energy)
+    if energy:
+        (lm_steps, energy_steps), (lm_epochs, energy_epochs) = axes
+    else:
+        ((lm_steps, lm_epochs),) = axes
     steps = run.steps[~run.steps["skipped"].astype(bool)]
     start = _physics_start_step(run)
     if len(steps):
         for key, label in (("loss", "total"), ("lm_loss", "LM")):
             lm_steps.plot(steps["step"], smooth(steps[key]), label=label)
-        energy_steps.plot(steps["step"], smooth(steps["energy_loss"]), color="tab:green",
-                          label="energy (lambda-weighted)")
     else:
         _empty(lm_steps, "no step logged")
-    for ax in (lm_steps, energy_steps):
-        _mark_physics_start(ax, start)
+    _mark_physics_start(lm_steps, start)
     set_labels(lm_steps, "per step (smoothed): total and LM", "step", "loss")
-    set_labels(energy_steps, "per step (smoothed): energy", "step", "energy loss")
+    if energy:
+        if len(steps):
+            energy_steps.plot(steps["step"], smooth(steps["energy_loss"]), color="tab:green",
+                              label="energy (lambda-weighted)")
+        _mark_physics_start(energy_steps, start)
+        set_labels(energy_steps, "per step (smoothed): energy", "step", "energy loss")
 
     epochs = run.epochs
     if len(epochs):
@@ -170,7 +180,12 @@ def loss_figure(run: RunData) -> Figure:
                                   ("train_lm_loss", "train LM", "s-"),
                                   ("val_loss", "validation", "^--")):
             lm_epochs.plot(_epochs(run), epochs[key], style, label=label)
-        physics = run.phase("physics")
+    else:
+        _empty(lm_epochs, "no finished epoch")
+    _epoch_axis(lm_epochs, run)
+    set_labels(lm_epochs, "per epoch", "epoch", "loss")
+    physics = run.phase("physics")
+    if energy and len(physics):
         x = physics["epoch"].astype(int) + 1
         energy_epochs.plot(x, physics["train_energy_loss"], "o-", color="tab:green",
                            label="energy (lambda-weighted)")
@@ -179,12 +194,9 @@ def loss_figure(run: RunData) -> Figure:
                                label="energy MSE (raw)")
             _auto_log(energy_epochs, pd.concat([physics["train_energy_loss"],
                                                 physics["train_energy_mse"]]))
-    else:
-        _empty(lm_epochs, "no finished epoch")
-    for ax in (lm_epochs, energy_epochs):
-        _epoch_axis(ax, run)
-    set_labels(lm_epochs, "per epoch", "epoch", "loss")
-    set_labels(energy_epochs, "per physics epoch: energy", "epoch", "energy loss")
+    if energy:
+        _epoch_axis(energy_epochs, run)
+        set_labels(energy_epochs, "per physics epoch: energy", "epoch", "energy loss")
     return figure
 
 
@@ -201,7 +213,8 @@ def perplexity_figure(run: RunData, control: RunData | None) -> Figure:
     if run.epochs.empty:
         _empty(ax, "no finished epoch")
     _epoch_axis(ax, run)
-    set_labels(ax, "per epoch" + ("" if control else " (no control run)"), "epoch", "perplexity")
+    alone = control is None and run.config.trains_with_physics   # a baseline needs none
+    set_labels(ax, "per epoch" + (" (no control run)" if alone else ""), "epoch", "perplexity")
     return figure
 
 
@@ -234,14 +247,15 @@ def gradient_figure(run: RunData) -> Figure:
     steps = run.steps
     if "lm_grad_norm" in steps and len(steps):
         norms.plot(steps["step"], steps["lm_grad_norm"], linewidth=0.8, label="LM")
+        factors.plot(steps["step"], steps["clip_factor"], linewidth=0.8, label="LM")
         energy = steps[steps["energy_grad_norm"] > 0]
-        norms.plot(energy["step"], energy["energy_grad_norm"], ".", markersize=3,
-                   color="tab:red", label="energy")
+        if len(energy):  # none in a run without physics
+            norms.plot(energy["step"], energy["energy_grad_norm"], ".", markersize=3,
+                       color="tab:red", label="energy")
+            factors.plot(energy["step"], energy["energy_clip_factor"], ".", markersize=3,
+                         color="tab:red", label="energy")
         norms.axhline(run.config.train.grad_clip, linestyle="--", color="gray", label="clip")
         norms.set_yscale("log")
-        factors.plot(steps["step"], steps["clip_factor"], linewidth=0.8, label="LM")
-        factors.plot(energy["step"], energy["energy_clip_factor"], ".", markersize=3,
-                     color="tab:red", label="energy")
         factors.set_yscale("log")
     else:
         _empty(norms, "no gradient accounting logged")
@@ -264,10 +278,11 @@ CAPTIONS = {  # every figure of the report, by file name (without .png)
 
 
 def make_figures(run: RunData, control: RunData | None) -> dict[str, Figure]:
-    """Every figure of the report, by file name (without .png), in the order of CAPTIONS."""
+    """The report's figures, by file name (without .png), in the order of CAPTIONS: the
+    energy's and the multiplier's only for a run that trains with physics."""
+    physics = run.config.trains_with_physics
     return {
-        "energy_drift": drift_figure(run),
-        "lambda": lambda_figure(run),
+        **({"energy_drift": drift_figure(run), "lambda": lambda_figure(run)} if physics else {}),
         "losses": loss_figure(run),
         "perplexity": perplexity_figure(run, control),
         "time": time_figure(run, control),

@@ -1,21 +1,24 @@
-"""The markdown results report of a saved run (SPEC section 5): `write_report("runs/x")`
-writes reports/x.md and its figures in reports/x/, from the run directory (physlm.runs) and
-its control run (the baseline). This module gathers the report's data (`ReportData`: the
-summary, every table with the kinds of its numbers); templates/report.md.j2 lays it out. No
-absolute path enters a report: files by name and checksum, directories relative."""
+"""The results report of a saved run (SPEC section 5): `write_report("runs/x")` writes
+reports/x.md, its figures in reports/x/ and the same report as one page, reports/x.html,
+from the run directory (physlm.runs) and its control run (the baseline). This module gathers
+the report's data (`ReportData`: the summary, every table with the kinds of its numbers);
+templates/report.md.j2 lays it out, templates/report.html.j2 holds the page. No absolute
+path enters a report: files by name and checksum, directories relative."""
 
 from __future__ import annotations
 
-import math
+import base64
+import io
+import mimetypes
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
+import mistune  # the markdown renderer of nbconvert too
 import pandas as pd
-import torch
 
 import physlm
 from physlm import plots
@@ -23,142 +26,35 @@ from physlm.config import REPORTS_ROOT, Config
 from physlm.criteria import (
     STATUS,
     Summary,
-    best_value,
-    count_rows,
     criteria_table,
     final_value,
-    floor_sentence,
     heads_table,
     summarize,
 )
-from physlm.moe import load_entropy
+from physlm.files import atomic_write_bytes, atomic_write_text
+from physlm.lock import held_by
 from physlm.optim import OPTIMIZER_NAMES
 from physlm.provenance import git_commit
+from physlm.report_tables import (
+    KINDS,
+    count_sentences,
+    energy_progression_table,
+    lambda_table,
+    phase_comparison_table,
+    physics_table,
+    references_table,
+    router_table,
+    warmup_table,
+)
 from physlm.runs import RunData, find_control, load_run
+from physlm.sections import ARCHITECTURE_SETTINGS
 from physlm.text import NA, Table, environment, fmt, literal, portable, rows
 
 FIGURE_CAPTIONS = plots.CAPTIONS
-# Every epoch-table column: its title -> (the epoch record's key, the kind of its numbers).
-COLUMNS = {"Phase": ("phase", None), "Train loss": ("train_loss", "loss"),
-           "LM loss": ("train_lm_loss", "loss"),
-           "Energy loss (weighted)": ("train_energy_loss", "loss"),
-           "Energy MSE (raw)": ("train_energy_mse", "loss"), "Val loss": ("val_loss", "loss"),
-           "Val loss (batch mean)": ("val_loss_batch_mean", "loss"),
-           "Val PPL": ("val_ppl", "ppl"), "Val PPL (batch mean)": ("val_ppl_batch_mean", "ppl"),
-           "Lambda": ("lambda", None), "Lambda (mean)": ("lambda", None),
-           "Per layer": ("lambda_per_layer", None), "Drift": ("drift", None),
-           "Drift (mean)": ("drift", None), "Drift (max)": ("drift_max", None),
-           "Energy steps": ("energy_steps", None), "Time (s)": ("time_s", "time"),
-           "Tokens/s": ("tokens_per_s", "count"), "Clip factor (LM)": ("clip_factor", None),
-           "LM grad norm": ("lm_grad_norm", None),
-           "Energy grad norm": ("energy_grad_norm", None),
-           "Val PPL (non-<unk>)": ("val_ppl_known", "ppl"),
-           "Held-out loss": ("heldout_loss", "loss"), "Held-out PPL": ("heldout_ppl", "ppl")}
-# Columns of runs trained since they were logged, left out of older runs' tables.
-LOGGED_LATER = ("Val PPL (non-<unk>)", "Held-out loss", "Held-out PPL")
-# The kinds of the report's numbers, by column title or, in a Metric table, by row title.
-KINDS = {**{title: kind for title, (_, kind) in COLUMNS.items() if kind},
-         "Best val PPL": "ppl", "Tokens/s (phase mean)": "count",
-         "Time/epoch (s, phase mean)": "time"}
-
-
-def epoch_table(rows: pd.DataFrame, *titles: str) -> pd.DataFrame:
-    """Epoch records as a table: the 1-based epoch, then `titles` (COLUMNS)."""
-    return pd.DataFrame({"Epoch": rows["epoch"].astype(int) + 1,
-                         **{title: rows.get(COLUMNS[title][0]) for title in titles}})
-
-
-def _logged(run: RunData) -> list[str]:
-    """The LOGGED_LATER columns this run's records have."""
-    return [title for title in LOGGED_LATER if COLUMNS[title][0] in run.epochs]
-
-
-def warmup_table(run: RunData) -> pd.DataFrame:
-    return epoch_table(run.phase("warmup"), "Train loss", "Val loss", "Val PPL",
-                       "Val PPL (batch mean)", *_logged(run), "Time (s)", "Tokens/s")
-
-
-def physics_table(run: RunData) -> pd.DataFrame:
-    return epoch_table(run.phase("physics"), "Train loss", "LM loss", "Energy loss (weighted)",
-                       "Energy MSE (raw)", "Val loss", "Val loss (batch mean)", "Val PPL",
-                       "Val PPL (batch mean)", *_logged(run), "Lambda", "Drift", "LM grad norm",
-                       "Energy grad norm", "Clip factor (LM)", "Time (s)", "Tokens/s")
-
-
-def references_table(run: RunData, control: RunData | None, s: Summary,
-                     title: str) -> Table | None:
-    """The count models' val PPL (physlm.ngram), then the run's and the control's, final and
-    at the best epoch, each over the best count model's; None without references."""
-    if s.count_floor is None:
-        return None
-    rows = count_rows(run.references)
-    for label, data in ((title, run), ("control", control)):
-        if data is not None and not data.epochs.empty:
-            rows += [(f"{label}, final", final_value(data, "val_ppl"),
-                      final_value(data, "val_ppl_known")),
-                     (f"{label}, best epoch ({data.best_epoch()[1]})",
-                      best_value(data, "val_ppl"), best_value(data, "val_ppl_known"))]
-    frame = pd.DataFrame(rows, columns=["Model", "Val PPL", "Val PPL (non-<unk>)"])
-    frame["Ratio to the best count model"] = frame["Val PPL"] / s.count_floor.ppl
-    return Table(frame, KINDS)
-
-
-def count_sentences(run: RunData, control: RunData | None, s: Summary, title: str) -> list[str]:
-    """For the run and the control: does its val PPL, at its best epoch and at the end,
-    clear the best count model?"""
-    if s.count_floor is None:
-        return []
-    return [floor_sentence(label, s.count_floor, data.best_epoch()[0],
-                           final_value(data, "val_ppl"),
-                           f"at its best epoch ({data.best_epoch()[1]})")
-            for label, data in ((f"Run `{title}`", run), ("The control", control))
-            if data is not None and not data.epochs.empty]
-
-
-def energy_progression_table(run: RunData) -> pd.DataFrame:
-    return epoch_table(run.phase("physics"), "Energy loss (weighted)", "Energy MSE (raw)",
-                       "Drift (mean)", "Drift (max)", "Energy steps")
-
-
-def lambda_table(run: RunData) -> pd.DataFrame:
-    """Lambda at each epoch end; per layer only where the layers' multipliers differ."""
-    differ = "lambda_per_layer" in run.epochs and run.epochs["lambda_per_layer"].map(
-        lambda values: len(set(values)) > 1).any()
-    return epoch_table(run.epochs, "Phase", "Lambda (mean)", *["Per layer"] * int(differ))
-
-
-def _phase_end(rows: pd.DataFrame) -> list[Any]:
-    if rows.empty:
-        return [None] * 8
-    end = rows.iloc[-1]
-    return [int(end["epoch"]) + 1, end["val_loss"], end["val_ppl"], end["val_ppl_batch_mean"],
-            end.get("drift") if end.get("energy_steps") else None,  # never computed: n/a
-            end.get("lambda"), rows["tokens_per_s"].mean(), rows["time_s"].mean()]
-
-
-def phase_comparison_table(run: RunData, control: RunData | None) -> pd.DataFrame:
-    """Warmup end vs physics end vs control end (the control's lambda is never updated)."""
-    table = pd.DataFrame({
-        "Metric": ["Epoch", "Val loss", "Val PPL", "Val PPL (batch mean)", "Drift (epoch mean)",
-                   "Lambda (mean)", "Tokens/s (phase mean)", "Time/epoch (s, phase mean)"],
-        "Warmup end": _phase_end(run.phase("warmup")),
-        "Physics end": _phase_end(run.phase("physics")),
-        "Control end": _phase_end(control.epochs if control else run.epochs.iloc[0:0])},
-        dtype=object)
-    table.loc[5, "Control end"] = None
-    return table
-
-
-def router_table(load: list[list[float]]) -> pd.DataFrame:
-    """Each layer's token share per expert at the last epoch and its entropy (physlm.moe:
-    log E when balanced, 0 when one expert takes every token): a dead expert shows."""
-    table = pd.DataFrame(load, index=pd.RangeIndex(1, len(load) + 1, name="Layer")).rename(
-        columns=lambda expert: f"Expert {expert + 1}")
-    if len(load) and len(load[0]):
-        entropy = load_entropy(torch.tensor(load, dtype=torch.float64))
-        table[f"Load entropy (of {math.log(len(load[0])):.3f})"] = entropy.tolist()
-    return table.reset_index()
-
+# What ran, as the report's summary names it (Config.model.architecture).
+ARCHITECTURES = {"resnet_bk": "a ResNet-BK model",
+                 "transformer": "a Transformer (causal GPT, pre-LN)",
+                 "lstm": "an LSTM (embedding tied to the output)"}
 
 def settings(*parts: Any) -> dict[str, Any]:
     """Setting -> value from dicts and config sections (paths made portable)."""
@@ -233,6 +129,8 @@ class ReportData:
     control: RunData | None
     c: Config
     s: Summary
+    architecture: str            # what ran (ARCHITECTURES)
+    in_progress: str | None      # who is training the unfinished run now (None: nobody)
     source: str                  # where the data came from, absolute paths cut to names
     warmup_epochs: int           # finished epochs of each phase
     physics_epochs: int
@@ -280,7 +178,9 @@ def report_data(run: RunData, control: RunData | None, figures: dict[str, Path],
     params = env.get("parameters", {})
     source = re.sub(r"(?<!\S)/\S*/", "", env.get("data_source", NA))   # absolute: names only
     load = run.epochs["expert_load"].iloc[-1] if len(run.epochs.get("expert_load", [])) else []
-    router = router_table(load)
+    router = router_table(load if any(load) else [])  # a baseline's layers have no experts
+    physics = (vars(c.physics) if c.trains_with_physics
+               else {"energy_penalty": c.physics.energy_penalty})
     progression = energy_progression_table(run)
     logged = len(progression) and progression["Energy MSE (raw)"].notna().all()
     steps = run.steps
@@ -290,16 +190,20 @@ def report_data(run: RunData, control: RunData | None, figures: dict[str, Path],
     within = f"Physics steps within target (of {s.drift_steps})"
     title = title or run.name
     return ReportData(
-        title=title, run=run, control=control, c=c, s=s, source=source,
+        title=title, run=run, control=control, c=c, s=s,
+        architecture=ARCHITECTURES[c.model.architecture],
+        in_progress=None if run.finished else held_by(run.root), source=source,
         warmup_epochs=len(run.phase("warmup")), physics_epochs=len(run.phase("physics")),
         router=Table(router, {title: "fraction" for title in router.columns[1:]}),
         model=rows(settings({"Parameters (total)": params.get("total"),
                              "Parameters (trained by the optimizer)": params.get("trainable"),
-                             "Vocabulary size": env.get("vocab_size")}, c.model)),
+                             "Vocabulary size": env.get("vocab_size")},
+                            {key: value for key, value in vars(c.model).items()
+                             if key in ARCHITECTURE_SETTINGS[c.model.architecture]})),
         training=rows(settings({"Optimizer": OPTIMIZER_NAMES[c.train.optimizer],
                                 "Device used": env.get("device"),
                                 "Physics from epoch (1-based)": c.warmup_epochs + 1
-                                if c.trains_with_physics else None}, c.train, c.physics)),
+                                if c.trains_with_physics else None}, c.train, physics)),
         dataset=rows(settings({"Source": source, "Vocabulary size": env.get("vocab_size"),
                                "Train batches per epoch": env.get("train_batches"),
                                "Validation batches": env.get("valid_batches")}, c.data)),
@@ -345,7 +249,8 @@ def report_data(run: RunData, control: RunData | None, figures: dict[str, Path],
                               + (" ..." if len(s.skipped_steps) > 20 else "")) or "none",
             "Non-finite validation losses": s.nonfinite_val,
             "Gradient norm of applied steps (mean, max; before clipping)": s.grad_norm,
-            "Physics steps without an energy term (batch-size mismatch)": s.no_energy}),
+            **({"Physics steps without an energy term (batch-size mismatch)": s.no_energy}
+               if c.trains_with_physics else {})}),
         figures={FIGURE_CAPTIONS[name]: quote(path.relative_to(out_dir).as_posix())
                  for name, path in figures.items()},
         provenance=rows(_provenance(run, control, command, commit or git_commit())),
@@ -382,22 +287,71 @@ def render_report(data: ReportData) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
+def inline_figures(markdown: str, base_dir: str | Path,
+                   drawn: dict[Path, bytes] | None = None) -> str:
+    """`markdown` with its local image links (`![caption](path)`, relative to `base_dir`)
+    replaced by data URIs, so that the text alone holds its figures; `drawn`: the bytes of
+    figures not written yet, by path."""
+    def embed(match: re.Match[str]) -> str:
+        caption, link = match.groups()
+        path = Path(base_dir) / unquote(link)
+        if re.match(r"[a-z][a-z0-9+.-]*:", link, re.I):
+            return match.group(0)  # a URL (http:, data:) stays a link
+        data = (drawn or {}).get(path) or (path.read_bytes() if path.is_file() else None)
+        if data is None:
+            return match.group(0)  # so does a missing file
+        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return f"![{caption}](data:{kind};base64,{base64.b64encode(data).decode('ascii')})"
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", embed, markdown)
+
+
+def render_html(markdown: str, title: str) -> str:
+    """The report as one HTML page that works offline: no script, figures as data URIs
+    (inline_figures first). Every HTML tag in the markdown is escaped, shown as the text it
+    is: a run's settings and records (a data_dir named `<img onerror=...>`) never become
+    markup, nor a link to javascript:."""
+    body = mistune.create_markdown(renderer=TextOnlyHTML(escape=False), plugins=["table"])(
+        markdown)
+    return environment().get_template("report.html.j2").render(title=title, body=body)
+
+
+class TextOnlyHTML(mistune.HTMLRenderer):
+    """mistune's HTML with every HTML tag of the markdown shown as text. Its own escape=True
+    would escape the entities too (`&lt;unk&gt;` shown as `&amp;lt;unk&amp;gt;`); links and
+    images keep mistune's check of their URL (javascript: becomes #harmful-link)."""
+
+    def inline_html(self, html: str) -> str:
+        return mistune.escape(html)
+
+    def block_html(self, html: str) -> str:
+        return f"<p>{mistune.escape(html.strip())}</p>\n"
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path = REPORTS_ROOT,
                  control_dir: str | Path | None = None, name: str | None = None) -> Path:
-    """Write `<out_dir>/<name>.md` and its figures in `<out_dir>/<name>/` (name: the run
-    directory's name); the control is `control_dir`, else `<run_dir>/control`."""
+    """Write `<out_dir>/<name>.md`, its figures in `<out_dir>/<name>/` and the same report as
+    one page, `<out_dir>/<name>.html` (name: the run directory's); the control is
+    `control_dir`, else `<run_dir>/control`. Everything is drawn and rendered before the first
+    file is written, and each file is replaced atomically: a report that fails, or is killed,
+    leaves the previous one."""
     run, control, out_dir = load_run(run_dir), find_control(run_dir, control_dir), Path(out_dir)
     commit = git_commit()   # before the figures are written: they may be files git tracks
     name = name or run.name
-    (out_dir / name).mkdir(parents=True, exist_ok=True)
-    figures = {figure: out_dir / name / f"{figure}.png" for figure in FIGURE_CAPTIONS}
-    for figure, drawn in plots.make_figures(run, control).items():
-        drawn.savefig(figures[figure], dpi=plots.DPI)
+    figures, drawn = {}, {}
+    for figure, plotted in plots.make_figures(run, control).items():
+        figures[figure] = out_dir / name / f"{figure}.png"
+        buffer = io.BytesIO()
+        plotted.savefig(buffer, format="png", dpi=plots.DPI)
+        drawn[figures[figure]] = buffer.getvalue()
     command = f"python -m physlm report {portable(run_dir)} --out-dir {portable(out_dir)}" + (
         f" --control-dir {portable(control_dir)}" if control_dir else "") + (
         f" --name {name}" if name != run.name else "")
     path = out_dir / f"{name}.md"
-    data = report_data(run, control, figures, out_dir, command, title=name, commit=commit)
-    path.write_text(render_report(data), encoding="utf-8")
+    markdown = render_report(report_data(run, control, figures, out_dir, command, title=name,
+                                         commit=commit))
+    page = render_html(inline_figures(markdown, out_dir, drawn), f"physlm report: {name}")
+    for figure, data in drawn.items():
+        atomic_write_bytes(figure, data)
+    atomic_write_text(path, markdown)
+    atomic_write_text(path.with_suffix(".html"), page)
     return path
-

@@ -44,7 +44,13 @@ import pandas as pd
 
 from physlm.checkpoint import load_checkpoint, save_checkpoint
 from physlm.config import RUNS_ROOT, Config, from_flat
-from physlm.errors import CheckpointError, DamagedFileError, NotWritableError, RunConflictError
+from physlm.errors import (
+    CheckpointError,
+    DamagedFileError,
+    NotWritableError,
+    RunConflictError,
+    one_line,
+)
 from physlm.files import (
     append_jsonl,
     atomic_write_bytes,
@@ -149,12 +155,15 @@ class RunDirectory:
 
     def read_config(self) -> Config:
         """The run's settings (old names accepted); DamagedFileError when config.yaml is
-        empty, unreadable or cut short (physlm.files.read_settings), never the defaults."""
+        empty, unreadable or cut short (physlm.files.read_settings), or holds settings this
+        physlm does not accept, never the defaults."""
         values = read_settings(self.config)
         try:
             return from_flat(values)
         except ConfigError as error:
-            raise ConfigError(f"{self.config}: {error}") from error
+            raise DamagedFileError(f"{self.config} holds settings this physlm does not accept "
+                                   f"({one_line(error)}): it was edited, or written by another "
+                                   "version; restore it from a copy of the run") from error
 
     def write_env(self, env: dict[str, Any]) -> None:
         atomic_write_text(self.env, json.dumps(env, indent=2))
@@ -191,16 +200,19 @@ class RunDirectory:
 
     # ------------------------------------------------------------ the fresh/resume decision
     def prepare(self, config: Config) -> None:
-        """Make the directory ready for `config`: cleared (overwrite), or checked for resume.
-        A new run's directory is only checked: it is created with its first file.
-
-        Raises RunConflictError when it holds a run that `config` may not continue.
-        """
-        self.check_writable()
-        if not self.holds_run:
-            return
-        if config.train.overwrite:
+        """Make the directory ready for `config`: cleared (overwrite), or checked for resume
+        (`check_accepts`). A new run's directory is only checked: it is created with its
+        first file."""
+        self.check_accepts(config)
+        if self.holds_run and config.train.overwrite:
             self.clear()
+
+    def check_accepts(self, config: Config) -> None:
+        """Whether `config` may start or continue here, changing nothing: NotWritableError,
+        RunConflictError when the directory holds a run that `config` may not continue
+        (resume: false, other settings), DamagedFileError when its config.yaml is damaged."""
+        self.check_writable()
+        if not self.holds_run or config.train.overwrite:
             return
         if not config.train.resume:
             raise RunConflictError(f"{self.root} already holds a run. Set resume: true to "

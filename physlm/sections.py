@@ -67,6 +67,16 @@ class ModelConfig:
     embedding_init_std: float = 1.0
 
 
+# The model settings each architecture reads (physlm.build): a baseline ignores ResNet-BK's,
+# ResNet-BK ignores n_heads. A report lists only those of the architecture that ran.
+_BASELINE_SETTINGS = ("architecture", "d_model", "n_layers", "n_seq", "dropout")
+ARCHITECTURE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "resnet_bk": tuple(name for name in ModelConfig.__dataclass_fields__ if name != "n_heads"),
+    "transformer": (*_BASELINE_SETTINGS, "n_heads", "embedding_init_std"),
+    "lstm": _BASELINE_SETTINGS,
+}
+
+
 @dataclass
 class DataConfig:
     dataset: Literal["wikitext-2-raw-v1", "fixture"] = "wikitext-2-raw-v1"

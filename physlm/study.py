@@ -145,7 +145,11 @@ def study_options(values: dict[str, Any]) -> StudyOptions:
     """Options from a flat mapping (a study params file, papermill parameters); an ablation
     given as a file name is read from that file."""
     if isinstance(values.get("ablation"), str):
-        values = {**values, "ablation": read_params_file(values["ablation"])}
+        try:
+            values = {**values, "ablation": read_params_file(values["ablation"])}
+        except ConfigError as error:
+            raise ConfigError(f"ablation: {one_line(error)}; give a mapping of fix: settings, "
+                              "or the YAML file that holds one") from error
     return parse_options(StudyOptions, values, "study parameter").validate()
 
 

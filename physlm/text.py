@@ -106,8 +106,11 @@ def paragraph(text: str) -> str:
 
 def environment() -> jinja2.Environment:
     """The reports' templates (physlm/templates) with the filters fmt, table, portable and
-    paragraph; an undefined name is an error, never an empty string."""
+    paragraph; an undefined name is an error, never an empty string. An HTML template
+    (*.html.j2) escapes every value it is given unless marked safe."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("physlm"), trim_blocks=True,
-                             lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+                             lstrip_blocks=True, undefined=jinja2.StrictUndefined,
+                             autoescape=jinja2.select_autoescape(["html.j2"],
+                                                                 default_for_string=False))
     env.filters.update(fmt=fmt, table=table, portable=portable, paragraph=paragraph)
     return env

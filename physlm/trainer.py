@@ -264,11 +264,12 @@ class Trainer:
             self.run.append_steps(records)
         self._pending.clear()
         if self.consecutive_bad >= self.config.train.max_bad_steps:
+            kept = (f"the last good checkpoint ({self.run.checkpoint}) is kept"
+                    if self.run.checkpoint.exists() else "no checkpoint had been written yet")
             raise TrainingError(
                 f"{self.consecutive_bad} consecutive steps had a non-finite loss or gradient "
-                f"(up to step {records[-1]['step']}); stopping. Nothing was written over the "
-                f"last good checkpoint ({self.run.checkpoint}). Lower lr, check the data, or "
-                "raise max_bad_steps.")
+                f"(up to step {records[-1]['step']}); stopping: {kept}. Lower lr, check the "
+                "data, or raise max_bad_steps.")
 
     def epoch_record(self, validation: dict[str, float],
                      heldout: dict[str, float]) -> dict[str, Any]:

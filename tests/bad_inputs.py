@@ -2,6 +2,13 @@
 data (`Case`); `run_case` builds its damaged folder, runs it as a user would, in this
 process as `python -m physlm` would run (the default: fast) or as a process, and sees what
 changed on disk; `classify` judges the outcome clean, noisy or wrong; `tally` counts.
+
+A papermill case that must fail, given only `-p` parameters, runs by default in one Jupyter
+kernel shared by all such cases (`SharedKernel`): phase3's cells with papermill's own
+parameter injection, in a cleared namespace, in the case's folder. It saves a papermill
+process and a kernel start (with its imports) per case; what papermill would print of the
+notebook's error, all the judge reads of it, is the same (tests/test_bad_inputs.py checks
+this against papermill itself). `--subprocess` runs papermill itself for every case.
 """
 
 from __future__ import annotations
@@ -23,9 +30,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
+from papermill.cli import _resolve_type  # how papermill's command line reads -p values
+from papermill.iorw import load_notebook_node
+from papermill.parameterize import parameterize_notebook
 
 from physlm import trainer
 from physlm.__main__ import main
@@ -63,6 +74,11 @@ class Case:
     @property
     def papermill(self) -> bool:
         return self.command[0] == "papermill"
+
+    @property
+    def shares_a_kernel(self) -> bool:
+        """A papermill error case of `-p` parameters only: it may run in the SharedKernel."""
+        return self.papermill and not self.succeeds and "-f" not in self.command
 
 
 # ------------------------------------------------------------------ setups
@@ -224,6 +240,12 @@ def _fill(text: str, tmp: Path) -> str:
         "{run}", str(tmp / "run")).replace("{out}", str(tmp / "out")).replace("{tmp}", str(tmp))
 
 
+def _user_env() -> dict[str, str]:
+    """A child's environment as a user's terminal has it: without PYTEST_CURRENT_TEST, which
+    makes ipykernel leave its output alone (the pipeline's lines would not reach it)."""
+    return {k: v for k, v in _child_env().items() if k != "PYTEST_CURRENT_TEST"}
+
+
 def _in_process(arguments: list[str], cwd: Path) -> tuple[int, str]:
     """`python -m physlm ARGS` in this process, output as Python would print it: warnings
     as they come, an uncaught exception as a traceback (exit 1)."""
@@ -250,6 +272,70 @@ def _in_process(arguments: list[str], cwd: Path) -> tuple[int, str]:
     return code, buffer.getvalue()
 
 
+class SharedKernel:
+    """One Jupyter kernel for the papermill cases run in this process (see the module's
+    docstring). Its terminal (the stdout and stderr papermill's kernel would share with the
+    user's) is a file, read per case."""
+
+    def __init__(self) -> None:
+        self.terminal = tempfile.TemporaryFile()  # noqa: SIM115 (open for the kernel's life)
+        self.manager: Any = None
+
+    def start(self) -> None:
+        from jupyter_client.manager import KernelManager
+
+        self.manager = KernelManager(kernel_name="python3")
+        self.manager.start_kernel(cwd=str(REPO_ROOT), env=_user_env(), stdout=self.terminal,
+                                  stderr=subprocess.STDOUT)
+        self.client = self.manager.blocking_client()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=120)
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        if self.manager is not None and self.manager.is_alive():
+            self.client.stop_channels()
+            self.manager.shutdown_kernel(now=True)
+
+    def run(self, arguments: list[str], tmp: Path) -> tuple[int, str]:
+        """`papermill phase3.ipynb OUT -p NAME VALUE ...` (its `arguments` after OUT) in this
+        kernel, in `tmp`: (exit code, what papermill would print of it)."""
+        if self.manager is None or not self.manager.is_alive():
+            self.start()
+        names, values = arguments[1::3], arguments[2::3]
+        assert arguments[::3] == ["-p"] * len(names), arguments
+        notebook = parameterize_notebook(load_notebook_node(str(PHASE3)), {
+            name: _resolve_type(value) for name, value in zip(names, values, strict=True)})
+        start = self.terminal.seek(0, os.SEEK_END)
+        error = self._execute(f"import os\nos.chdir({str(tmp)!r})\n%reset -f")
+        for cell in (c for c in notebook.cells if c.cell_type == "code"):
+            if error is None:
+                error = self._execute(cell.source)
+        self._execute(f"import os\nos.chdir({str(REPO_ROOT)!r})\n%reset -f")  # tmp goes
+        self.terminal.seek(start)
+        terminal = self.terminal.read().decode(errors="replace")
+        if error is None:
+            return 0, terminal
+        framing = f'\n{75 * "-"}\nException encountered at "In [{error["count"]}]":\n'
+        return 1, terminal + framing + "\n".join(error["traceback"]) + "\n"
+
+    def _execute(self, code: str) -> dict[str, Any] | None:
+        """Run `code`; its error (with the execution count), or None."""
+        errors: list[dict[str, Any]] = []
+
+        def hook(message: dict[str, Any]) -> None:
+            if message["msg_type"] == "error":
+                errors.append(message["content"])
+        reply = self.client.execute_interactive(code, output_hook=hook, timeout=600)
+        if reply["content"]["status"] != "error":
+            return None
+        return {**(errors[-1] if errors else reply["content"]),
+                "count": reply["content"].get("execution_count")}
+
+
+SHARED_KERNEL = SharedKernel()
+
+
 def _command(case: Case, tmp: Path) -> list[str]:
     words = [_fill(word, tmp) for word in case.command[1:]]
     if case.papermill:  # always in the case's folder, whatever the case forgets
@@ -268,8 +354,10 @@ def run_case(case: Case, tmp: Path, in_process: bool = True) -> Outcome:
         command = _command(case, tmp)
         if in_process and not case.papermill:
             code, output = _in_process(command[3:], tmp)
+        elif in_process and case.shares_a_kernel:
+            code, output = SHARED_KERNEL.run(command[5:], tmp)
         else:
-            result = subprocess.run(command, cwd=tmp, env=_child_env(), stdout=subprocess.PIPE,
+            result = subprocess.run(command, cwd=tmp, env=_user_env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, errors="replace",
                                     timeout=600)
             code, output = result.returncode, result.stdout
@@ -341,14 +429,15 @@ def tally(cases: list[Case], in_process: bool) -> dict[str, int]:
             outcome = run_case(case, tmp, in_process)
             kind, why = classify(case, outcome, tmp)
         counts[kind] += 1
-        framed += kind == "clean" and case.papermill and "Traceback" in outcome.output
+        framed += kind == "clean" and case.papermill and not case.succeeds
         waits = f"[waits for item {case.item}] " if case.waits else ""
         print(f"{kind:5}  {case.name:38} {waits}{why}", flush=True)
     total = sum(counts.values())
     print(f"\n{total} cases: {counts['clean']} clean, {counts['noisy']} noisy, "
           f"{counts['wrong']} wrong")
     if framed:
-        print(f"({framed} clean papermill cases print papermill's own traceback before the "
-              f"notebook's one line; counted as noise, as the issue's probe did: "
-              f"{counts['clean'] - framed} clean, {counts['noisy'] + framed} noisy)")
+        print(f"({framed} clean papermill cases fail a notebook, which papermill answers with "
+              f"its own traceback above the notebook's one line; counted as noise, as the "
+              f"issue's probe did: {counts['clean'] - framed} clean, "
+              f"{counts['noisy'] + framed} noisy)")
     return counts

@@ -13,7 +13,7 @@ import yaml
 
 from physlm.__main__ import main
 from physlm.config import from_flat
-from physlm.errors import known_error, one_line
+from physlm.errors import ConfigError, DamagedFileError, known_error, one_line
 from physlm.runs import RunDirectory
 
 from .conftest import REPO_ROOT, TINY, one_error_line
@@ -72,7 +72,36 @@ def test_report_on_a_damaged_config(tmp_path, capsys, content):
     assert main(["report", str(run_dir), "--out-dir", str(tmp_path / "out")]) == 1
     err = one_error_line(capsys)
     assert err.startswith("physlm: damaged run directory: ") and str(config) in err
+    assert err.count(str(config)) == 1, "the file is named once"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_run_directory_has_its_own_label_and_exit_code(tmp_path, capsys):
+    """Not a configuration error (exit 2: fix the input): the run's own file is damaged
+    (exit 1), whichever command reads it."""
+    damaged = DamagedFileError("runs/x/env.json is damaged: empty; restore it")
+    assert not isinstance(damaged, ConfigError)
+    assert known_error(damaged) == ("damaged run directory", 1)
+    config = _saved_run(tmp_path) / "config.yaml"
+    config.write_text("")
+    assert _train(tmp_path) == 1
+    err = one_error_line(capsys)
+    assert err.startswith(f"physlm: damaged run directory: {config} is damaged: it is empty")
+
+
+def test_a_warning_is_one_physlm_line(tmp_path, capsys):
+    """physlm's warnings (a record torn by a kill, physics that never runs) are one line each
+    on stderr, `physlm: warning: ...`, not Python's two lines with a source line."""
+    assert _train(tmp_path, "--set", "epochs=1", "--set", "physics_start_epoch=1") == 0
+    out, err = capsys.readouterr()
+    (line,) = err.splitlines()
+    assert line.startswith("physlm: warning: physics_start_epoch (1) == epochs (1)"), line
+    steps = tmp_path / "run" / "metrics" / "steps.jsonl"
+    steps.write_bytes(steps.read_bytes() + b'{"loss": 5.1, "st')
+    assert main(["report", str(tmp_path / "run"), "--out-dir", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    (line,) = err.splitlines()
+    assert line.startswith(f"physlm: warning: {steps}:") and "torn" in line, line
 
 
 # --- physlm train: input -----------------------------------------------------------------------

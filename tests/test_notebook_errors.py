@@ -72,14 +72,15 @@ def test_a_bad_parameter_file_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_data_is_one_line_naming_the_stage(tmp_path):
+def test_missing_data_is_one_line_before_any_stage(tmp_path):
+    """The pipeline looks for the data before its first stage: one line, and no run
+    directory (or executed stage notebook) left behind."""
     run_dir = tmp_path / "run"
     error, outputs = run_phase3(tmp_path, data_dir="/nonexistent", run_dir=str(run_dir),
                                 control_run=False)
-    assert error.ename == "StageError"
-    assert_one_line(error, outputs, "physlm: stage 'warmup' failed with DataError: data_dir: "
-                                    "folder not found")
-    assert str(run_dir / "notebooks" / "warmup.ipynb") in str(error)
+    assert error.ename == "DataError"
+    assert_one_line(error, outputs, "physlm: data_dir: folder not found: /nonexistent")
+    assert not run_dir.exists()
 
 
 @pytest.mark.slow

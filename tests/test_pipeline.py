@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import re
 import subprocess
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 import yaml
 
-from physlm import pipeline, progress
+from physlm import pipeline, progress, report
 from physlm.config import KEYS, Config, ConfigError, from_flat
 from physlm.errors import RunBusyError
 from physlm.files import append_jsonl, read_jsonl
@@ -23,6 +25,8 @@ from physlm.pipeline import PIPELINE_KEYS, StageError
 from physlm.report import fmt
 from physlm.runs import RunDirectory, default_run_dir
 from physlm.trainer import train
+
+from .test_report import KINDS_OF_RUN
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -113,9 +117,12 @@ def _in_process_stage(calls):
     """A run_stage stand-in that does what the stage notebook does, without a kernel."""
     def run_stage(name, notebook, run_dir, parameters):
         calls.append(name)
-        config = from_flat(parameters["config_overrides"])
-        warmup = Path(notebook).stem == "warmup"
-        train(config, run_dir, until_epoch=config.physics.physics_start_epoch if warmup else None)
+        if Path(notebook).stem == "analysis":
+            report.write_report(run_dir, out_dir=parameters["report_dir"])
+        else:
+            config = from_flat(parameters["config_overrides"])
+            warmup = Path(notebook).stem == "warmup"
+            train(config, run_dir, until_epoch=config.warmup_epochs if warmup else None)
         return Path(run_dir) / "notebooks" / Path(notebook).name
     return run_stage
 
@@ -190,7 +197,6 @@ def test_the_pipeline_holds_the_run_and_control_locks_for_all_stages(tmp_path, t
         return run.notebooks / Path(notebook).name
 
     monkeypatch.setattr(pipeline, "run_stage", stage)
-    monkeypatch.setattr(pipeline, "write_html_report", lambda executed, path: path)
     options = pipeline.PipelineOptions(report_dir=str(tmp_path / "reports"))
     pipeline.run_pipeline(tiny_config(), run.root, options)
     me = str(os.getpid())
@@ -213,6 +219,67 @@ def test_the_pipeline_holds_the_run_and_control_locks_for_all_stages(tmp_path, t
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("kind", list(KINDS_OF_RUN))
+def test_every_kind_of_run_gets_its_report_from_the_pipeline(kind, tmp_path, tiny_config,
+                                                             monkeypatch, capsys):
+    """A baseline, a physics-free ResNet-BK and a control alone through the pipeline: the
+    analysis stage writes the report, markdown and page, as `physlm report` does, of the
+    model that ran; a run without the energy penalty is its own control, so none is trained."""
+    calls: list[str] = []
+    monkeypatch.setattr(pipeline, "run_stage", _in_process_stage(calls))
+    overrides, trained = KINDS_OF_RUN[kind]
+    config = tiny_config(epochs=2, **overrides)
+    options = pipeline.PipelineOptions(report_dir=str(tmp_path / "reports"))
+    with pytest.warns(UserWarning) if kind == "physics_free" else contextlib.nullcontext():
+        path = pipeline.run_pipeline(config, tmp_path / "run", options)
+    own_control = not config.physics.energy_penalty
+    # (physics-free: the warmup is every epoch, and the control forks at its end)
+    assert calls == (["warmup", "analysis"] if kind == "physics_free" else
+                     ["warmup", "physics", "analysis"])
+    assert ("control: none to train" in capsys.readouterr().out) == own_control
+    assert (tmp_path / "run" / "control").exists() != own_control
+    assert f"trained {trained} with " in path.read_text()
+    assert path.with_suffix(".html").is_file()
+    assert sorted(p.name for p in pipeline.report_figures(path)) == [
+        "gradients.png", "losses.png", "perplexity.png", "time.png"]
+
+
+@pytest.mark.parametrize(("mistake", "message"), [
+    ({"data_dir": "nowhere"}, "data_dir: folder not found"),
+    ({"device": "cuda"}, "CUDA is not available here"),
+    ({"report_dir": "{file}/reports"}, "report_dir {file}/reports: not a directory"),
+    ({"d_model": 32}, "d_model: 16 in the run, 32 now"),
+    ({"resume": False}, "already holds a run"),
+], ids=["data", "device", "report_dir", "settings", "resume"])
+def test_the_pipeline_checks_what_it_needs_before_the_first_stage(
+        tmp_path, tiny_config, monkeypatch, mistake, message):
+    """Missing data, an absent device, an unwritable report_dir or a run directory that holds
+    another run stop the pipeline before any stage, leaving nothing behind (no run directory,
+    lock or executed notebook)."""
+    if "device" in mistake and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    old = tmp_path / "old"
+    if "d_model" in mistake or "resume" in mistake:   # a run of the tiny settings is there
+        train(tiny_config(epochs=1, physics_start_epoch=0), old)
+    monkeypatch.setattr(pipeline, "run_stage", lambda *args: pytest.fail("a stage ran"))
+    options = {key: str(value).replace("{file}", str(blocker)) for key, value in mistake.items()
+               if key in PIPELINE_KEYS}
+    config = tiny_config(**{key: value for key, value in mistake.items()
+                            if key not in PIPELINE_KEYS})
+    run_dir = old if old.exists() else tmp_path / "runs" / "run"
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(Exception, match=re.escape(message.replace("{file}", str(blocker)))):
+        pipeline.run_pipeline(config, run_dir, pipeline.PipelineOptions(**options))
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_workers_must_be_at_least_one():
+    with pytest.raises(ConfigError, match="workers must be >= 1"):
+        pipeline.resolve({"workers": 0})
 
 
 # ------------------------------------------------------------------ progress
@@ -258,38 +325,6 @@ def test_train_run_follows_each_training_stage(tmp_path, tiny_config, monkeypatc
     out = capsys.readouterr().out
     assert [line.split("  ")[0] for line in out.splitlines() if "  train loss" in line] == [
         "x warmup: epoch 1/3", "x physics: epoch 2/3", "x physics: epoch 3/3"]
-
-
-# ------------------------------------------------------------------ the HTML report
-def test_inline_figures_embeds_local_images_only(tmp_path):
-    (tmp_path / "my run").mkdir()
-    (tmp_path / "my run" / "a b.png").write_bytes(b"\x89PNG fake")
-    text = ("# R\n\n![Loss, per epoch](my%20run/a%20b.png)\n\n![web](https://x.org/y.png)\n\n"
-            "![gone](missing.png) and [a link](my%20run/a%20b.png)\n")
-    inlined = pipeline.inline_figures(text, tmp_path)
-    assert "![Loss, per epoch](data:image/png;base64,iVBORyBmYWtl)" in inlined
-    assert "![web](https://x.org/y.png)" in inlined and "![gone](missing.png)" in inlined
-    assert "[a link](my%20run/a%20b.png)" in inlined
-
-
-def test_html_report_is_the_report_cell_output_without_code(tmp_path):
-    notebook = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("print('analysis tables')", outputs=[
-            nbformat.v4.new_output("stream", name="stdout", text="analysis tables\n")]),
-        nbformat.v4.new_code_cell("Markdown(report_text)", metadata={"tags": ["report"]},
-                                  outputs=[nbformat.v4.new_output("execute_result", data={
-                                      "text/markdown": "# physlm report: r\n\n## Summary\n\n"
-                                      "| a | b |\n| --- | --: |\n| x | 1 |\n\n"
-                                      "![Loss](data:image/png;base64,iVBORw0KGgo=)\n",
-                                      "text/plain": "<Markdown>"}, execution_count=7)])])
-    executed = tmp_path / "analysis.ipynb"
-    nbformat.write(notebook, executed)
-    html = pipeline.write_html_report(executed, tmp_path / "reports" / "r.html").read_text()
-    assert re.search(r"<h1[^>]*>physlm report: r", html) and re.search(r"<h2[^>]*>Summary", html)
-    assert 'src="data:image/png;base64,iVBORw0KGgo="' in html and "<table>" in html
-    assert "<title>physlm report: r</title>" in html and "<script src=" not in html
-    for absent in ("analysis tables", "Markdown(report_text)", "[7]"):
-        assert absent not in html, absent
 
 
 # ------------------------------------------------------------------ end to end

@@ -8,21 +8,22 @@ only ever reads those.
 
 from __future__ import annotations
 
+import contextlib
 import html as html_lib
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from physlm import criteria as criteria_module
-from physlm import pipeline, plots, report, text
+from physlm import plots, report, report_tables, text
 from physlm.__main__ import main
 from physlm.build import build_model
 from physlm.config import from_flat
@@ -356,9 +357,16 @@ def test_unfinished_run_reports_what_exists(run_dir: Path, tmp_path: Path) -> No
 
 
 def test_physics_off_run_says_the_penalty_never_ran(run_dir: Path, tmp_path: Path) -> None:
+    """A control reported alone: no physics epoch, so no physics section, criterion or count
+    of "0 physics" epochs; its epochs are one table."""
     text = render(run_dir / "control")
     assert "The physics penalty never ran" in text[:text.index("## Summary")]
-    assert criteria(text)[DRIFT] == criteria_module.NOT_EVALUATED
+    assert "for 3 of 3 epochs, on the language-model loss alone" in section(text, "Summary")
+    assert "physics)" not in section(text, "Summary") and DRIFT not in criteria(text)
+    assert "## Epochs\n" in text and "## Warmup epochs" not in text
+    for heading in ("Physics epochs", "Energy conservation", "Lambda evolution",
+                    "Final results vs. control", "Phase comparison"):
+        assert f"## {heading}" not in text, heading
 
 
 def test_model_without_energy_heads(run_dir: Path, tmp_path: Path) -> None:
@@ -374,10 +382,11 @@ def test_model_without_energy_heads(run_dir: Path, tmp_path: Path) -> None:
         write_jsonl(path, [{k: v for k, v in r.items() if k not in energy_keys}
                            for r in read_jsonl(path)])
     text = render(copy)
-    assert "No multiplier was logged" in section(text, "Lambda evolution")
-    assert len(report.lambda_table(load_run(copy))) == 3
+    assert "## Lambda evolution" not in text
+    assert settings(section(text, "Model configuration"))["energy_heads"] == "no"
+    assert len(report_tables.lambda_table(load_run(copy))) == 3
     run = load_run(copy)
-    assert list(plots.make_figures(run, None)) == FIGURES
+    assert list(plots.make_figures(run, None)) == FIGURES[2:]   # no energy, no multiplier
 
 
 def test_cli_writes_the_report(run_dir: Path, tmp_path: Path, capsys, monkeypatch,
@@ -385,7 +394,8 @@ def test_cli_writes_the_report(run_dir: Path, tmp_path: Path, capsys, monkeypatc
     base = tmp_path_factory.getbasetemp()
     monkeypatch.chdir(base)  # the regenerate command names paths relative to the working dir
     assert main(["report", str(run_dir), "--out-dir", str(tmp_path)]) == 0
-    assert Path(capsys.readouterr().out.strip()) == tmp_path / "run.md"
+    assert capsys.readouterr().out.split() == [str(tmp_path / "run.md"),
+                                               str(tmp_path / "run.html")]
     assert (tmp_path / "run" / "energy_drift.png").is_file()
     assert f"python -m physlm report {run_dir.relative_to(base)} --out-dir " \
            f"{tmp_path.relative_to(base)}" in (tmp_path / "run.md").read_text()
@@ -410,8 +420,8 @@ def test_cli_writes_the_report(run_dir: Path, tmp_path: Path, capsys, monkeypatc
 def test_numbers_are_written_by_kind(value: object, name: str, written: str) -> None:
     """Losses 4 decimals, perplexities 2, times 1, counts as integers with thousands
     separators, lambda/drift 4 significant digits; never scientific notation. `name` is a
-    kind, or a report column or row whose kind is declared (report.KINDS)."""
-    kind = name if name in text.FORMATS else report.KINDS.get(name)
+    kind, or a report column or row whose kind is declared (report_tables.KINDS)."""
+    kind = name if name in text.FORMATS else report_tables.KINDS.get(name)
     assert text.fmt(value, kind) == written
 
 
@@ -419,7 +429,7 @@ def test_tables_format_columns_by_kind_and_align_numbers_right() -> None:
     frame = pd.DataFrame({"Epoch": [1, 2], "Phase": ["warmup", "physics"],
                           "Val loss": [5.9, 5.784956], "Val PPL": [365.780638, None],
                           "Tokens/s": [2e6, 11590.297], "Drift": [1.1777763, 2e6]})
-    markdown = text.table(text.Table(frame, report.KINDS))
+    markdown = text.table(text.Table(frame, report_tables.KINDS))
     assert tables(markdown)[0] == [
         {"Epoch": "1", "Phase": "warmup", "Val loss": "5.9000", "Val PPL": "365.78",
          "Tokens/s": "2,000,000", "Drift": "1.178"},
@@ -433,7 +443,7 @@ def test_tables_format_columns_by_kind_and_align_numbers_right() -> None:
     rows = pd.DataFrame({"Setting": ["Val PPL", "Tokens/s", "Lambda", "Time (s)"],
                          "Value": pd.Series([365.780638, 11590.297, 0.0931110, 3.14159],
                                             dtype=object)})
-    assert settings(text.table(text.Table(rows, report.KINDS))) == {
+    assert settings(text.table(text.Table(rows, report_tables.KINDS))) == {
         "Val PPL": "365.78", "Tokens/s": "11,590", "Lambda": "0.09311", "Time (s)": "3.1"}
     assert text.table(frame.iloc[0:0]) == "_(no rows)_"
 
@@ -563,16 +573,9 @@ def test_a_control_without_samples_or_drawn_otherwise_is_named(run_dir: Path,
 HOSTILE = "<script>alert(1)</script> a | b &amp; `rm -rf` *not bold* [link](x) \\ ~~no~~"
 
 
-def html_of(markdown: str, tmp_path: Path) -> str:
-    """The HTML page the pipeline makes of a report (pipeline.write_html_report), its body."""
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "Markdown(report)", metadata={"tags": [pipeline.REPORT_TAG]}, outputs=[
-            nbformat.v4.new_output("display_data", data={"text/markdown": markdown,
-                                                         "text/plain": "<Markdown>"})])])
-    nbformat.write(notebook, tmp_path / "analysis.ipynb")
-    page = pipeline.write_html_report(tmp_path / "analysis.ipynb", tmp_path / "r.html")
-    html = page.read_text(encoding="utf-8")
-    return html[html.index("<main>"):]
+def html_of(markdown: str) -> str:
+    """The HTML page of a report (report.render_html)."""
+    return report.render_html(markdown, "report")
 
 
 def test_continuations_are_text_in_the_markdown_and_the_html(run_dir: Path,
@@ -586,7 +589,7 @@ def test_continuations_are_text_in_the_markdown_and_the_html(run_dir: Path,
     rows = tables(block)[0]                       # three cells per row: no pipe split a cell
     assert all(row["Run"] == row["Control"] != HOSTILE for row in rows)
     assert "<script>" not in block and "`" not in block.split("\n\n", 2)[2]
-    html = html_of(block, tmp_path)
+    html = html_of(block)
     cells = re.findall(r"<td[^>]*>(.*?)</td>", html, re.S)
     shown = html_lib.escape(HOSTILE, quote=False)    # the text, as HTML writes text
     assert cells == [html_lib.escape("The <b>city</b> | of", quote=False), shown, shown] * 3
@@ -600,3 +603,140 @@ def test_literal_escapes_what_markdown_would_read():
     assert text.literal("a <unk>  b\n|c| & `d` *e* _f_") == (
         "a &lt;unk&gt; b &#124;c&#124; &amp; &#96;d&#96; &#42;e&#42; &#95;f&#95;")
     assert text.literal("the city @-@ 1 , \"quoted\" (x)") == "the city @-@ 1 , \"quoted\" (x)"
+
+
+# ---------------------------------------------------------------- every kind of run
+
+BASELINE = {"energy_heads": False, "energy_penalty": False}
+KINDS_OF_RUN = {  # name -> (settings over TINY, what its summary says it trained)
+    "lstm": ({**BASELINE, "architecture": "lstm"}, "an LSTM (embedding tied to the output)"),
+    "transformer": ({**BASELINE, "architecture": "transformer"},
+                    "a Transformer (causal GPT, pre-LN)"),
+    "physics_free": ({"physics_start_epoch": 2}, "a ResNet-BK model"),
+    "control": ({"energy_penalty": False}, "a ResNet-BK model"),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS_OF_RUN))
+def test_every_kind_of_run_gets_a_report_of_its_own_architecture(
+        kind: str, tmp_path: Path, capsys) -> None:
+    """A baseline, a physics-free ResNet-BK and a control alone: `physlm report` writes the
+    markdown, its figures and the HTML page, and the report speaks of the model that ran (no
+    BK core or experts for a baseline, no "0 physics" epochs, no physics sections)."""
+    overrides, trained = KINDS_OF_RUN[kind]
+    config = from_flat({**TINY, "epochs": 2, "max_train_batches": 2, "max_eval_batches": 1,
+                        **overrides})
+    with pytest.warns(UserWarning) if kind == "physics_free" else contextlib.nullcontext():
+        train(config, tmp_path / kind)
+    assert main(["report", str(tmp_path / kind), "--out-dir", str(tmp_path / "out")]) == 0
+    md, html = (tmp_path / "out" / f"{kind}.{suffix}" for suffix in ("md", "html"))
+    assert capsys.readouterr().out.split() == [str(md), str(html)]
+    text = md.read_text()
+    summary = section(text, "Summary")
+    assert f"trained {trained} with " in summary, summary
+    assert "for 2 of 2 epochs, on the language-model loss alone" in summary
+    assert ("BK core" in summary) == (config.model.architecture == "resnet_bk")
+    model = settings(section(text, "Model configuration"))
+    assert model["architecture"] == config.model.architecture
+    assert ("num_experts" in model) == ("bk_mode" in model) == ("BK core" in summary)
+    assert ("n_heads" in model) == (kind == "transformer")
+    assert "lambda_lr" not in settings(section(text, "Training configuration"))
+    assert "physics)" not in text and "## Physics epochs" not in text
+    assert "Router load" not in text if kind in ("lstm", "transformer") else True
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
+    assert [Path(link).stem for link in links] == FIGURES[2:]
+    assert all((md.parent / link).read_bytes()[:4] == b"\x89PNG" for link in links)
+    page = html.read_text()
+    assert re.search(rf"<h1>physlm report: {kind}</h1>", page)
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == len(links)
+
+
+# ---------------------------------------------------------------- the HTML page
+
+def test_inline_figures_embeds_local_images_only(tmp_path):
+    (tmp_path / "my run").mkdir()
+    (tmp_path / "my run" / "a b.png").write_bytes(b"\x89PNG fake")
+    text = ("# R\n\n![Loss, per epoch](my%20run/a%20b.png)\n\n![web](https://x.org/y.png)\n\n"
+            "![gone](missing.png) and [a link](my%20run/a%20b.png)\n\n![new](new.png)\n")
+    inlined = report.inline_figures(text, tmp_path, {tmp_path / "new.png": b"\x89PNG"})
+    assert "![Loss, per epoch](data:image/png;base64,iVBORyBmYWtl)" in inlined
+    assert "![web](https://x.org/y.png)" in inlined and "![gone](missing.png)" in inlined
+    assert "[a link](my%20run/a%20b.png)" in inlined
+    assert "![new](data:image/png;base64,iVBORw==)" in inlined   # drawn, not written yet
+
+
+def test_html_page_is_the_report_with_its_figures_and_no_script(
+        written: tuple[Path, str]) -> None:
+    path, text = written
+    page = path.with_suffix(".html").read_text(encoding="utf-8")
+    assert "<title>physlm report: run</title>" in page and "<script" not in page
+    for heading in re.findall(r"^#+ (.+)$", text, re.M):
+        assert re.search(rf"<h[123]>{re.escape(heading)}</h[123]>", page), heading
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == len(FIGURES)
+    assert page.count("<table>") == text.count("\n|:") + text.count("\n|-")
+
+
+def test_html_page_escapes_what_comes_from_the_run(run_dir: Path, tmp_path: Path) -> None:
+    """A run's settings and records are text, never markup, in the page: a data_dir named as
+    an HTML handler and a record holding a javascript: link stay inert (and visible)."""
+    copy = copy_run(run_dir, tmp_path / "run")
+    attack = "<img src=x onerror=alert(1)>"
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    (copy / "config.yaml").write_text(yaml.safe_dump({**config, "data_dir": attack}))
+    env = json.loads((copy / "env.json").read_text())
+    env.update(git_commit="[x](javascript:alert(2))", device="<script>alert(3)</script>")
+    (copy / "env.json").write_text(json.dumps(env))
+    path = report.write_report(copy, out_dir=tmp_path / "out")
+    assert attack in path.read_text()       # the markdown says what the setting is
+    page = path.with_suffix(".html").read_text()
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    for live in ("<img src=x", "onerror=alert(1)>", "javascript:", "<script>"):
+        assert live not in page, live
+
+
+# ---------------------------------------------------------------- unfinished runs
+
+def test_a_running_run_is_reported_in_progress(run_dir: Path, tmp_path: Path) -> None:
+    """An unfinished run shows its finished epochs and says whether it is being trained now
+    (its directory is locked by a live process) or stopped."""
+    copy = copy_run(run_dir, tmp_path / "run", control=False)
+    epochs = copy / "metrics" / "epochs.jsonl"
+    write_jsonl(epochs, read_jsonl(epochs)[:2])
+    stopped = render(copy)
+    assert "It is not running now" in stopped and "in progress" not in stopped
+    with RunDirectory(copy).lock():
+        running = render(copy)
+    head = running[:running.index("## Summary")]
+    assert f"The run is in progress: process {os.getpid()} (" in head
+    assert "2 of 3 epochs finished" in head
+    assert len(tables(section(running, "Physics epochs"))[0]) == 1
+
+
+def test_an_unfinished_control_is_not_called_the_same_budget(run_dir: Path,
+                                                             tmp_path: Path) -> None:
+    copy = copy_run(run_dir, tmp_path / "run")
+    epochs = copy / "control" / "metrics" / "epochs.jsonl"
+    write_jsonl(epochs, read_jsonl(epochs)[:2])
+    summary = section(render(copy), "Summary")
+    assert "against a control run with the energy penalty off" in summary
+    assert "same model, data, seed and budget" not in summary
+    assert "the control is unfinished (2 of 3 epochs)" in summary
+    assert "(same model, data, seed and budget)" in section(render(run_dir), "Summary")
+
+
+def test_a_report_that_fails_leaves_the_previous_one(run_dir: Path, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    """Everything is drawn and rendered before the first file is replaced: a report of new
+    data that fails (or is killed) mid-way leaves the previous report whole."""
+    copy = copy_run(run_dir, tmp_path / "run")
+    out = tmp_path / "out"
+    report.write_report(copy, out_dir=out)
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    edit_epochs(copy, val_ppl=1e6, val_loss=13.8, train_loss=13.8)   # other figures now
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, "render_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(copy, out_dir=out)
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before

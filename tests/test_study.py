@@ -193,6 +193,7 @@ def test_the_improved_variants_are_their_recipes():
     ({"physics_start_epoch": 3}, "physics would never run"),
     ({"epocs": 3}, "did you mean 'epochs'"),
     ({"ablation": {"a fix": {"bk_mode": "causal"}}}, "ablation fixes are named"),
+    ({"ablation": "x"}, "ablation: parameter file not found: x; give a mapping of fix: "),
 ])
 def test_bad_study_settings_are_one_clear_error(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):

@@ -23,13 +23,18 @@ def test_tiny_model_learns_the_fixture_corpus(tiny_config, tmp_path):
     assert epochs[-1]["val_ppl"] == pytest.approx(math.exp(epochs[-1]["val_loss"]))
 
 
-def test_energy_terms_are_zero_in_warmup_and_active_after(tiny_config, tmp_path):
+def test_energy_terms_are_absent_in_warmup_and_active_after(tiny_config, tmp_path):
+    """A warmup step adds no energy loss (0) and measures no drift: null, as its epoch's
+    record says, not a drift of 0 that a reader could average in."""
     config = tiny_config(epochs=3, physics_start_epoch=1)
     train(config, tmp_path / "run")
     steps = read_jsonl(tmp_path / "run" / "metrics" / "steps.jsonl")
     warmup = [s for s in steps if s["epoch"] == 0]
     physics = [s for s in steps if s["epoch"] >= 1]
-    assert warmup and all(s["energy_loss"] == 0 and s["drift"] == 0 for s in warmup)
+    assert warmup and all(s["energy_loss"] == 0 for s in warmup)
+    assert all(s[key] is None for s in warmup for key in (
+        "drift", "drift_per_layer", "energy_mse", "energy_mse_per_layer", "kinetic"))
+    assert read_jsonl(tmp_path / "run" / "metrics" / "epochs.jsonl")[0]["drift"] is None
     assert all(not s["energy_computed"] and not s["physics"] for s in warmup)
     computed = [s for s in physics if s["energy_computed"]]
     assert len(computed) >= len(physics) - 2   # batch-size changes may skip a step
@@ -158,9 +163,20 @@ def test_too_many_bad_steps_abort_without_overwriting_the_checkpoint(tiny_config
         return out
 
     monkeypatch.setattr(trainer.model, "forward", always_nan)
-    with pytest.raises(TrainingError, match="3 consecutive steps"):
+    with pytest.raises(TrainingError, match="3 consecutive steps") as caught:
         trainer.fit()
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == saved
+    assert f"the last good checkpoint ({trainer.run.checkpoint}) is kept" in str(caught.value)
+
+
+def test_a_run_diverging_before_its_first_checkpoint_cites_none(tiny_config, tmp_path):
+    """lr = 1e10 diverges in the first epoch: no checkpoint exists, so none is cited."""
+    config = tiny_config(lr=1e10, max_bad_steps=2)
+    with pytest.raises(TrainingError, match="consecutive steps") as caught:
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert "no checkpoint had been written yet" in str(caught.value)
+    assert "last.pt" not in str(caught.value)
 
 
 @pytest.mark.parametrize("fork_into", ["control", "physics"])
