@@ -16,9 +16,9 @@ the training split (`heldout_fraction`), never on the validation split. Trials a
 epoch per job, so the driver, the only process that opens the SQLite storage, reports each
 epoch's held-out loss to Optuna and prunes between epochs: the median rule once three
 trials have finished, and at once a trial worse than both a uniform guess over its
-vocabulary and its own untrained model (diverging: it would only waste its epochs). A trial's value
-is its best held-out loss over the budget (early stopping). The jobs run on any
-`concurrent.futures.Executor` (physlm.pool's processes by default).
+vocabulary and its own untrained model (diverging: it would only waste its epochs). A trial's
+value is its best held-out loss over the budget (early stopping). The jobs run on any
+`concurrent.futures.Executor` (the CLI's: physlm.executor's Ray, local or a cluster).
 
 A crash loses nothing: a run resumes from its checkpoint, and a trial left RUNNING in the
 storage is continued by the next driver from the epochs its run directory holds, so a
@@ -253,20 +253,22 @@ def _advance(study: optuna.Study, spec: SearchSpec, item: _Running, future: Futu
             return False
         trial.report(value, record["epoch"])
     item.reported = len(records)
+    run = RunDirectory(item.run_dir)
+    if "references" not in study.user_attrs:   # every trial counts the same held-out tokens
+        study.set_user_attr("references", read_json(run.references)["heldout"]["ppl"])
     losses = [record[OBJECTIVE] for record in records]
     epoch, best = len(records), min(losses)
     if epoch >= spec.epochs:
         study.tell(trial, best)
-        log(f"search {spec.name}: trial {number} done: best held-out PPL {perplexity(best):.1f}")
+        log(f"search {spec.name}: trial {number} done: best held-out PPL {perplexity(best):,.1f}")
         return False
     # Worse than a uniform guess and than the untrained model: diverging, whatever the median.
-    run = RunDirectory(item.run_dir)
     bound = max(math.log(run.read_env()["vocab_size"]), read_json(run.initial)[OBJECTIVE])
     if losses[-1] > bound or trial.should_prune():
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         why = "worse than untrained and a uniform guess" if losses[-1] > bound else \
             "above the median"
         log(f"search {spec.name}: trial {number} pruned after epoch {epoch}, {why} "
-            f"(held-out PPL {perplexity(losses[-1]):.1f})")
+            f"(held-out PPL {perplexity(losses[-1]):,.4g})")
         return False
     return True

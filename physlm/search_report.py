@@ -2,9 +2,10 @@
 
 Made from the search's storage alone (the SQLite file the driver writes), so it regenerates
 on any machine that has the file: trials (state, epochs trained, best held-out PPL, the
-recipe), the five best, the parameters' importances (Optuna's PED-ANOVA over the finished
-trials: the share of the held-out loss's variation each setting explains) and a figure of
-every trial's held-out PPL by epoch, pruned ones in grey.
+recipe), the count models' held-out PPL beside the best trial's, the five best, the
+parameters' importances (Optuna's PED-ANOVA over the finished trials: the share of the
+held-out loss's variation each setting explains) and a figure of every trial's held-out
+PPL by epoch, pruned ones in grey.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from physlm.text import Table, environment, portable
 
 BEST = 5           # trials in the table of the best
 STATES = {"COMPLETE": "finished", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
+COUNT_MODELS = {"unigram": "unigram", "kn_bigram": "Kneser-Ney bigram",
+                "kn_trigram": "Kneser-Ney trigram"}
 
 
 def trial_table(study: optuna.Study) -> pd.DataFrame:
@@ -92,11 +95,18 @@ def write_recipe(spec: SearchSpec, path: str | Path) -> Path | None:
     return Path(path)
 
 
+def count_references(study: optuna.Study) -> dict[str, float]:
+    """The count models' held-out PPL over all targets (physlm.ngram), as the driver stored
+    them from the first trial's run: model -> PPL; empty before any trial's first epoch."""
+    counted = study.user_attrs.get("references", {})
+    return {COUNT_MODELS[model]: ppl["all"] for model, ppl in counted.items()}
+
+
 def write_search_report(spec: SearchSpec, out_dir: str | Path) -> Path:
-    """reports/search_<name>.md and its figure, from the storage; returns the markdown's path."""
+    """reports/<name>.md and its figure, from the storage; returns the markdown's path."""
     study = open_study(spec)
     out = Path(out_dir)
-    figures = out / f"search_{spec.name}"
+    figures = out / spec.name
     figures.mkdir(parents=True, exist_ok=True)
     figure_path = figures / "heldout_ppl.png"
     curves_figure(study).savefig(figure_path, dpi=110)
@@ -105,12 +115,13 @@ def write_search_report(spec: SearchSpec, out_dir: str | Path) -> Path:
                                                      "Best held-out PPL")]
     counts = trials["State"].value_counts().to_dict() if len(trials) else {}
     text = environment().get_template("search.md.j2").render(
-        spec=spec, counts=counts, commit=git_commit(),
+        spec=spec, counts=counts, commit=git_commit(), references=count_references(study),
+        best_ppl=trials["Best held-out PPL"].min() if len(trials) else None,
         best=Table(trials.head(BEST), {"Best held-out PPL": "ppl"}),
         trials=Table(trials, {"Best held-out PPL": "ppl"}), recipe=recipe,
         importances=Table(importances(study), {"Importance": "fraction"}),
         figure=figure_path.relative_to(out).as_posix(),
         storage=portable(spec.storage_path), date=datetime.now(UTC).strftime("%Y-%m-%d"))
-    path = out / f"search_{spec.name}.md"
+    path = out / f"{spec.name}.md"
     atomic_write_text(path, text)
     return path

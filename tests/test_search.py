@@ -3,6 +3,7 @@ corpus, a search that survives its driver's crash, and its report."""
 
 from __future__ import annotations
 
+import json
 import math
 from concurrent.futures import Executor, Future
 from pathlib import Path
@@ -151,8 +152,14 @@ def test_the_report_shows_the_trials_the_best_and_the_importances(tmp_path):
     best = min(t.value for t in study.trials if t.value is not None)
     assert f"{math.exp(best):,.2f}" in text
     assert "## The best trials" in text and "## Every trial" in text
-    assert (path.parent / "search_tiny" / "heldout_ppl.png").is_file()
+    assert path.name == "tiny.md" and (path.parent / "tiny" / "heldout_ppl.png").is_file()
     assert "What mattered" in text
+    counted = json.loads((spec.runs / "trial-0" / "metrics" / "references.json").read_text())
+    trigram = counted["heldout"]["ppl"]["kn_trigram"]["all"]
+    assert f"Kneser-Ney trigram {trigram:,.2f}" in text
+    floor = min(model["all"] for model in counted["heldout"]["ppl"].values())
+    verdict = "is below the best of them" if math.exp(best) < floor else "is not below"
+    assert verdict in " ".join(text.split())
     recipe = search_report.write_recipe(spec, tmp_path / "recipe.yaml")
     best_trial = study.best_trial
     written = yaml.safe_load(recipe.read_text())
