@@ -5,16 +5,13 @@
                                              lambda_l * mse_l for the energy penalty
 
 One optimizer step per batch (physlm.optim: AdamW, SGD or the conformal symplectic
-optimizer, after gradient-norm clipping), then the learning-rate schedule's step and each
-objective's `after_step` (the multiplier controller). Every step appends a record to
-metrics/steps.jsonl; every epoch ends with validation and, when the run holds out part of
-train, the held-out evaluation (which alone drives the plateau schedule and picks the best
-epoch: physlm.rundata), a record in metrics/epochs.jsonl, checkpoints/best.pt when the
-epoch is the best so far, and a checkpoint. `Trainer.fit(until_epoch)` stops early
-at an epoch boundary, which is how the warmup and physics notebooks split one
-run; calling it again (or re-running after a crash) resumes from the checkpoint.
-A finished run's last checkpoint writes samples.json, its continuations of the fixed
-validation prompts (physlm.generate); a resume that adds epochs removes it until then.
+optimizer, after gradient-norm clipping), then the schedule's step and each objective's
+`after_step` (the multiplier controller). Every step appends a record to steps.jsonl; every
+epoch ends with validation and the held-out evaluation (which alone drives the plateau
+schedule and picks the best epoch, saved as checkpoints/best.pt: physlm.rundata), a record
+in epochs.jsonl and a checkpoint. `Trainer.fit(until_epoch)` stops at an epoch boundary
+(how the warmup and physics notebooks split one run); calling it again, or re-running after
+a crash, resumes. A finished run writes samples.json (physlm.generate).
 
 A non-finite loss or gradient norm skips the step on the device (`found_inf`, as AMP's
 grad scaler does for the fused kernels; the schedule still counts the batch), is logged
@@ -68,8 +65,7 @@ class Trainer:
             warnings.warn(f"physics_start_epoch ({config.physics.physics_start_epoch}) == epochs "
                           f"({config.train.epochs}): physics never runs, every epoch is warmup. "
                           "Raise epochs or lower physics_start_epoch to train with physics (or "
-                          "set energy_penalty: false and koopman: false to say that this is "
-                          "intended).",
+                          "set energy_penalty: false and koopman: false if intended).",
                           stacklevel=2)
         if self.rank == 0:  # rank 0 decides (and clears on overwrite); the others follow
             self.run.prepare(config)
@@ -88,8 +84,9 @@ class Trainer:
         self.layer_means = {k: v for o in self.objectives for k, v in o.layer_means.items()}
         trained = [o.module for o in self.objectives if o.module is not None]
         self.modules = torch.nn.ModuleList([self.model, *trained]).to(self.device)
-        self.optimizer = self.build_optimizer([p for p in self.modules.parameters()
-                                               if p.requires_grad])
+        # One group over the trained parameters: its params are what is clipped.
+        self.optimizer = optim.build_optimizer(
+            config.train, [p for p in self.modules.parameters() if p.requires_grad])
         self.schedule = optim.build_schedule(config.train, self.optimizer, self.batches_per_epoch)
         self.epoch = 0              # the epoch in progress (0-based)
         self.batch_in_epoch = 0     # batches of it already trained
@@ -216,11 +213,6 @@ class Trainer:
         return record
 
     # ---------------------------------------------------------------- the optimizer
-    def build_optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        """The run's optimizer (physlm.optim) over the trained parameters, in one group (its
-        params are what is clipped)."""
-        return optim.build_optimizer(self.config.train, parameters)
-
     def step_optimizer(self, skipped: torch.Tensor) -> float:
         """The update, skipped on the device when `skipped` (`found_inf`, physlm.optim), then
         the schedule's step, which counts every batch; returns the learning rate it used."""
@@ -231,18 +223,15 @@ class Trainer:
         return lr
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast("cuda", torch.bfloat16) if self.amp else contextlib.nullcontext()
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.corpus.valid, self.config.data, self.device,
                         self.rank, self.world, self._autocast)
 
     def evaluate_heldout(self) -> dict[str, float]:
-        """The held-out split's figures (`heldout_loss`, ...); none without one. Always all of
-        it: every choice is made on it, and it is small by construction (max_eval_batches
-        caps the validation split only: a recipe search's trials cut it to one batch)."""
+        """The held-out split's figures (`heldout_loss`, ...), all of it (max_eval_batches caps
+        validation only); none without a held-out split."""
         if self.corpus.heldout is None:
             return {}
         whole = dataclasses.replace(self.config.data, max_eval_batches=None)
