@@ -224,8 +224,9 @@ class RayNode:
         deadline = time.monotonic() + timeout
         while b"Ray runtime started" not in self.log.read_bytes():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                pytest.skip("Ray cannot start a node here: "
-                            + self.log.read_text(errors="replace")[-1500:])
+                said = [line for line in self.log.read_text(errors="replace").splitlines()
+                        if line.strip(" ^~")]   # the error's line, not its carets
+                pytest.skip(f"Ray cannot start a node here: {said[-1] if said else 'no output'}")
             time.sleep(0.2)
 
     def stop(self) -> None:
