@@ -1,5 +1,6 @@
 """physlm on Ray (physlm.executor): the smoke study on a local cluster and on a two-node
-cluster, a worker killed mid-run, a run's own error reported once and never retried.
+cluster, a worker killed mid-run, a run's own error reported once and never retried, the
+recipe search's trials as Ray tasks.
 
 Each test starts Ray (seconds, half a minute on a loaded 2-core machine), so all are
 `slow`. Where Ray cannot start they are skipped, saying why; CI installs ray (it is one of
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from physlm import study
+from physlm import search, study
 from physlm.__main__ import main
 from physlm.config import from_flat
 from physlm.errors import RunBusyError
@@ -297,3 +298,26 @@ def test_the_study_with_address_runs_on_both_nodes_of_a_cluster(
              if " done (" in line}
     assert len(nodes) == 2, child.stdout
     assert_same_runs(tmp_path, reference)
+
+
+def test_the_search_runs_its_trials_as_ray_tasks_with_the_results_of_one_by_one(
+        tmp_path, local_ray):
+    """The recipe search on Ray, two trials at once (one thread each): every trial draws the
+    recipe and reaches the held-out losses and state it does when the trials run one after
+    the other in this process (the driver alone writes the storage in both)."""
+    from .test_search import InlineExecutor, write_search
+
+    def trials(study_: object) -> dict[int, tuple]:
+        return {t.number: (t.params, t.intermediate_values, t.state) for t in study_.trials}
+
+    with RayExecutor(workers=2) as executor:
+        on_ray = search.run_search(search.load_search(
+            write_search(tmp_path / "ray", startup_trials=3, workers=2)), executor)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_by_one = search.run_search(search.load_search(
+            write_search(tmp_path / "inline", startup_trials=3)), InlineExecutor())
+    finally:
+        torch.set_num_threads(before)
+    assert len(on_ray.trials) == 3 and trials(on_ray) == trials(one_by_one)
