@@ -11,6 +11,7 @@ PPL by epoch, pruned ones in grey.
 from __future__ import annotations
 
 import json
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def importances(study: optuna.Study) -> pd.DataFrame:
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(finished) < 2:
         return pd.DataFrame(columns=["Setting", "Importance"])
-    shares = optuna.importance.get_param_importances(study)
+    with warnings.catch_warnings():   # "some regimes have less than 2 trials": the report
+        warnings.simplefilter("ignore", UserWarning)   # says the shares are rough
+        shares = optuna.importance.get_param_importances(study)
     return pd.DataFrame({"Setting": list(shares), "Importance": list(shares.values())})
 
 
@@ -97,7 +100,8 @@ def write_recipe(spec: SearchSpec, path: str | Path) -> Path | None:
 
 def count_references(study: optuna.Study) -> dict[str, float]:
     """The count models' held-out PPL over all targets (physlm.ngram), as the driver stored
-    them from the first trial's run: model -> PPL; empty before any trial's first epoch."""
+    them from the first trial it saw finish an epoch: model -> PPL; empty before that. (A
+    chunk's first token is never a target, so the targets vary a little with n_seq.)"""
     counted = study.user_attrs.get("references", {})
     return {COUNT_MODELS[model]: ppl["all"] for model, ppl in counted.items()}
 
