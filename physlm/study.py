@@ -112,6 +112,9 @@ class StudyOptions:
     run_dir: str | None = None                          # default runs/<name>
     report_dir: str = REPORTS_ROOT
     records: str | None = None                          # finished runs' records, kept there
+    # Variant -> the results file of an external reference trained on the same data's tokens
+    # (benchmarks/external_wlm.py: the public word_language_model script), set beside it.
+    external: dict[str, str] = field(default_factory=dict)
     workers: int = 2                                    # runs at once per machine (no GPU)
     address: str | None = None                          # a Ray cluster to join (physlm.executor)
 
@@ -125,6 +128,9 @@ class StudyOptions:
             *((control_of(v) in self.variants, f"variant {v} is paired against "
                f"{control_of(v)}: add {control_of(v)} to variants") for v in self.variants),
             (self.workers >= 1, "workers must be >= 1"),
+            *((variant in self.variants and Path(path).is_file(), f"external: {variant} -> "
+               f"{path} needs the variant among variants and the results file")
+              for variant, path in self.external.items()),
             (all(re.fullmatch(r"[A-Za-z0-9_-]+", fix) for fix in self.ablation),
              "ablation fixes are named by letters, digits, '_' or '-' (a folder name)"))
             if not ok]

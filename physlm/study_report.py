@@ -7,6 +7,7 @@ Every sentence of the conclusion is a template filled from one paired comparison
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -76,6 +77,34 @@ def floor_sentences(point: pd.DataFrame, floor: CountFloor) -> list[str]:
         sentences.append(f"{', '.join(point.loc[below, 'Variant'])} clear"
                          f"{'s' * (below.sum() == 1)} the {floor.name} at the early-stopped "
                          "epoch (mean over seeds).")
+    return sentences
+
+
+def external_sentences(options: StudyOptions, frame: pd.DataFrame,
+                       runs: dict[str, list[RunData]]) -> list[str]:
+    """Each variant of `options.external` against its external reference's best validation
+    PPL (a results file of benchmarks/external_wlm.py): "matches" within the variant's
+    ppl_tolerance (physlm.criteria's band), else how far above or below it is."""
+    sentences = []
+    for variant, path in options.external.items():
+        best = frame.loc[frame["variant"] == variant, "best"]
+        if best.empty:
+            continue
+        reference = json.loads(Path(path).read_text(encoding="utf-8"))
+        change = best.mean() / reference["best_val_ppl"] - 1
+        tolerance = runs[variant][0].config.criteria.ppl_tolerance
+        verdict = (f"within {tolerance:.0%} of it" if abs(change) <= tolerance
+                   else "below it" if change < 0 else f"more than {tolerance:.0%} above it")
+        tokens = runs[variant][0].env.get("data_tokens", {}).get("train")
+        sentences.append(
+            f"{label(variant)} against an external reference, `{reference['command']}` "
+            f"(`{portable(path)}`: {len(reference['epochs'])} epochs on "
+            f"{reference['tokens']['train']:,} training tokens, vocabulary "
+            f"{reference['tokens']['vocab']:,}, best val PPL "
+            f"{fmt(reference['best_val_ppl'], 'ppl')}, its epoch chosen on validation): "
+            f"{label(variant)} early-stopped {fmt(best.mean(), 'ppl')} +- "
+            f"{fmt(best.std(), 'ppl')} over {len(best)} seeds on {fmt(tokens, 'count')} "
+            f"training tokens, {change:+.1%}: {verdict}.")
     return sentences
 
 
@@ -233,6 +262,7 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
                                                         "Val PPL (non-<unk>)"]), KINDS),
         point=None if point is None else Table(point, KINDS),
         floor_sentences=[] if point is None else floor_sentences(point, floor),
+        external=external_sentences(options, frame, runs),
         selection=" and ".join(sorted(set(frame["selected_on"]))) or "n/a",
         optimizer_names=OPTIMIZER_NAMES,
         comparisons=Table(comparisons(frame), KINDS), phases=Table(phase_table(frame), KINDS),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 from pathlib import Path
@@ -194,6 +195,7 @@ def test_the_improved_variants_are_their_recipes():
     ({"epocs": 3}, "did you mean 'epochs'"),
     ({"ablation": {"a fix": {"bk_mode": "causal"}}}, "ablation fixes are named"),
     ({"ablation": "x"}, "ablation: parameter file not found: x; give a mapping of fix: "),
+    ({"external": {"lstm": "nope.json"}}, "external: lstm -> nope.json needs the variant"),
 ])
 def test_bad_study_settings_are_one_clear_error(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
@@ -278,6 +280,18 @@ def test_the_report_opens_with_the_operating_point(tmp_path):
         (frame.groupby("variant", sort=False)["best"].mean() / floor).tolist())
     assert "| Kneser-Ney trigram |" in text and "chosen on the held-out split" in text
     assert text.count("does not clear the Kneser-Ney") == 2   # tiny models, 2 epochs
+    lstm_best = frame.loc[frame["variant"] == "lstm", "best"].mean()
+    for ratio, verdict in ((1.03, "-2.9%: within 5% of it"), (0.8, "+25.0%: more than 5% "
+                                                                   "above it")):
+        reference = tmp_path / f"external-{ratio}.json"
+        reference.write_text(json.dumps({
+            "command": "python main.py --epochs 2", "tokens": {"train": 1000, "vocab": 50},
+            "epochs": [{"epoch": 1}, {"epoch": 2}], "best_val_ppl": lstm_best * ratio}))
+        with_reference = dataclasses.replace(options, external={"lstm": str(reference)})
+        text = study_report.write_study_report(with_reference, runs).read_text()
+        said = " ".join(text.split())
+        assert "LSTM (tied) against an external reference, `python main.py --epochs 2`" in said
+        assert verdict in said and "2 epochs on 1,000 training tokens, vocabulary 50" in said
     for run in (r for seeds in runs.values() for r in seeds):  # records made before them
         run.references.clear()
     text = study_report.write_study_report(options, runs).read_text()
