@@ -254,7 +254,7 @@ def _advance(study: optuna.Study, spec: SearchSpec, item: _Running, future: Futu
         trial.report(value, record["epoch"])
     item.reported = len(records)
     run = RunDirectory(item.run_dir)
-    if "references" not in study.user_attrs:   # every trial counts the same held-out tokens
+    if "references" not in study.user_attrs:   # the count models on the held-out lines, once
         study.set_user_attr("references", read_json(run.references)["heldout"]["ppl"])
     losses = [record[OBJECTIVE] for record in records]
     epoch, best = len(records), min(losses)

@@ -83,8 +83,8 @@ def floor_sentences(point: pd.DataFrame, floor: CountFloor) -> list[str]:
 def external_sentences(options: StudyOptions, frame: pd.DataFrame,
                        runs: dict[str, list[RunData]]) -> list[str]:
     """Each variant of `options.external` against its external reference's best validation
-    PPL (a results file of benchmarks/external_wlm.py): "matches" within the variant's
-    ppl_tolerance (physlm.criteria's band), else how far above or below it is."""
+    PPL (a results file of benchmarks/external_wlm.py): "within" the variant's ppl_tolerance
+    (physlm.criteria's band around the control), else above or below it."""
     sentences = []
     for variant, path in options.external.items():
         best = frame.loc[frame["variant"] == variant, "best"]
