@@ -69,6 +69,10 @@ class SearchSpec:
     storage: str | None = None                   # default <run_dir>/search.sqlite3
     report_dir: str = REPORTS_ROOT
     recipe: str | None = None                    # where the best trial's recipe is written
+    # Recipes tried before any draw, in the space's settings: the public recipe the model
+    # comes from, so that the search is checked against it. A recipe already tried is not
+    # tried again (a restarted driver, a longer search).
+    first: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def runs(self) -> Path:
@@ -88,6 +92,11 @@ def load_search(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
             raise ConfigError(f"{path}: {key} must be >= 1, got {getattr(spec, key)}")
     for key, entry in spec.space.items():
         _check_entry(path, key, entry, spec.space)
+    for number, recipe in enumerate(spec.first, 1):
+        try:
+            optuna_params(recipe, spec.space)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: first recipe {number}: {error}") from error
     if trial_config(spec, {}).data.heldout_fraction == 0:   # and the base recipe is valid
         raise ConfigError(f"{path}: trials are scored on held-out lines: set heldout_fraction "
                           "> 0 in its data_params, params or fixed settings")
@@ -113,6 +122,30 @@ def _check_entry(path: str | Path, key: str, entry: Any, space: dict[str, Any]) 
                                            or {"low", "high"} <= set(entry))):
         raise ConfigError(f"{path}: {key}: expected {{choices: [...]}} or {{low: .., high: ..}}"
                           f", got {entry!r}")
+
+
+def optuna_params(recipe: dict[str, Any], space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A whole recipe as the draw Optuna would name it (`suggest`'s names: `lr@sgd`);
+    ConfigError for a setting missing, outside its range, or not drawn for this recipe."""
+    params: dict[str, Any] = {}
+    for key, entry in space.items():
+        name = key
+        if "by" in entry:
+            if recipe.get(entry["by"]) not in entry:
+                continue
+            name, entry = f"{key}@{recipe[entry['by']]}", entry[recipe[entry["by"]]]
+        if key not in recipe:
+            raise ConfigError(f"{key} is missing")
+        value = recipe[key]
+        inside = (value in entry["choices"] if "choices" in entry
+                  else isinstance(value, int | float) and entry["low"] <= value <= entry["high"])
+        if not inside:
+            raise ConfigError(f"{key}: {value!r} is outside its range {entry}")
+        params[name] = value
+    drawn = {name.split("@")[0] for name in params}
+    if set(recipe) - drawn:
+        raise ConfigError(f"{sorted(set(recipe) - drawn)} are not drawn for this recipe")
+    return params
 
 
 def perplexity(loss: float) -> float:
@@ -216,6 +249,11 @@ def run_search(spec: SearchSpec, executor: Executor,
 
 def _ask(study: optuna.Study, spec: SearchSpec) -> _Running:
     study.sampler = sampler(spec, len(study.trials))
+    tried = [json.loads(t.user_attrs["settings"]) for t in study.trials
+             if "settings" in t.user_attrs]
+    untried = [recipe for recipe in spec.first if recipe not in tried]
+    if untried:   # the next ask takes it whole
+        study.enqueue_trial(optuna_params(untried[0], spec.space))
     trial = study.ask()
     settings = suggest(trial, spec.space)
     trial.set_user_attr("settings", json.dumps(settings))

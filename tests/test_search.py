@@ -70,6 +70,12 @@ def write_search(folder: Path, **overrides) -> Path:
      r"\['adam'\] are not choices of optimizer"),
     ({"trails": 3}, "did you mean 'trials'"),
     ({"fixed": {"epoch": 2}}, "did you mean 'epochs'"),
+    ({"first": [{"optimizer": "sgd", "lr": 99.0, "momentum": 0.9, "dropout": 0.1}]},
+     r"first recipe 1: lr: 99.0 is outside its range"),
+    ({"first": [{"optimizer": "adamw", "lr": 5e-3, "momentum": 0.9, "dropout": 0.1}]},
+     r"first recipe 1: \['momentum'\] are not drawn for this recipe"),
+    ({"first": [{"optimizer": "sgd", "lr": 0.5, "momentum": 0.9}]},
+     "first recipe 1: dropout is missing"),
     ({"fixed": {"heldout_fraction": 0.0}}, "set heldout_fraction > 0"),
 ])
 def test_a_bad_search_file_is_one_clear_error(tmp_path, change, message):
@@ -88,6 +94,22 @@ def test_a_setting_by_a_choice_is_drawn_only_for_that_choice():
 
 
 # ---------------------------------------------------------------- searching
+def test_a_recipe_given_first_is_tried_first_and_only_once(tmp_path):
+    """`first`: the public recipe is trial 0, whole; the search then draws; a driver that
+    continues the search (here to a third trial) does not try it again."""
+    public = {"optimizer": "sgd", "lr": 0.5, "momentum": 0.0, "dropout": 0.1}
+
+    def settings(study: optuna.Study) -> list[dict]:
+        return [json.loads(t.user_attrs["settings"]) for t in study.trials]
+
+    study = search.run_search(search.load_search(
+        write_search(tmp_path, first=[public], trials=2)), InlineExecutor())
+    assert settings(study)[0] == public and settings(study)[1] != public
+    study = search.run_search(search.load_search(
+        write_search(tmp_path, first=[public], trials=3)), InlineExecutor())
+    assert len(study.trials) == 3 and settings(study).count(public) == 1
+
+
 def test_a_three_trial_search_scores_each_trial_on_its_held_out_loss(tmp_path):
     spec = search.load_search(write_search(tmp_path))
     lines: list[str] = []
