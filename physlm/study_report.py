@@ -74,9 +74,9 @@ def floor_sentences(point: pd.DataFrame, floor: CountFloor) -> list[str]:
                                 f"at its early-stopped epoch (mean over {row['Seeds']} seeds)")
                  for _, row in point[~below].iterrows()]
     if below.any():
-        sentences.append(f"{', '.join(point.loc[below, 'Variant'])} clear"
-                         f"{'s' * (below.sum() == 1)} the {floor.name} at the early-stopped "
-                         "epoch (mean over seeds).")
+        sentences.append(f"{', '.join(point.loc[below, 'Variant'])} "
+                         f"{'clears' if below.sum() == 1 else 'clear'} the {floor.name} at the "
+                         "early-stopped epoch (mean over seeds).")
     return sentences
 
 

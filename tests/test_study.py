@@ -222,6 +222,21 @@ def test_paired_interval_is_the_t_interval_of_the_seed_differences():
     assert p["exceeds"] == (mean + half < 0)
 
 
+def test_the_operating_point_names_who_clears_the_count_floor():
+    """A sentence per variant above the best count model, one naming those below it."""
+    floor = study_report.CountFloor("Kneser-Ney bigram", 170.0, 280.0, 1000)
+    point = pd.DataFrame({"Variant": ["control", "lstm", "improved"], "Seeds": [3, 3, 3],
+                          "Early-stopped val PPL (mean)": [175.0, 130.0, 150.0],
+                          "Final val PPL (mean)": [180.0, 131.0, 151.0]})
+    sentences = study_report.floor_sentences(point, floor)
+    assert len(sentences) == 2 and sentences[0].startswith(
+        "Control (physics off) does not clear the Kneser-Ney bigram")
+    assert sentences[1] == ("lstm, improved clear the Kneser-Ney bigram at the early-stopped "
+                            "epoch (mean over seeds).")
+    one = study_report.floor_sentences(point.iloc[:2], floor)[1]
+    assert one.startswith("lstm clears the Kneser-Ney bigram")
+
+
 @pytest.mark.slow
 def test_a_tiny_study_runs_every_variant_and_reports_them(tmp_path):
     options = tiny_study(tmp_path, ablation={k: FIXES[k] for k in ("causal", "dual_lambda")})
