@@ -97,14 +97,13 @@ def external_sentences(options: StudyOptions, frame: pd.DataFrame,
                    else "below it" if change < 0 else f"more than {tolerance:.0%} above it")
         tokens = runs[variant][0].env.get("data_tokens", {}).get("train")
         sentences.append(
-            f"{label(variant)} against an external reference, `{reference['command']}` "
-            f"(`{portable(path)}`: {len(reference['epochs'])} epochs on "
-            f"{reference['tokens']['train']:,} training tokens, vocabulary "
+            f"{label(variant)}, early-stopped val PPL {fmt(best.mean(), 'ppl')} +- "
+            f"{fmt(best.std(), 'ppl')} over {len(best)} seeds ({fmt(tokens, 'count')} training "
+            f"tokens), is {change:+.1%} against an external reference, {verdict}: "
+            f"`{reference['command']}` (`{portable(path)}`), {len(reference['epochs'])} epochs "
+            f"on {reference['tokens']['train']:,} training tokens, vocabulary "
             f"{reference['tokens']['vocab']:,}, best val PPL "
-            f"{fmt(reference['best_val_ppl'], 'ppl')}, its epoch chosen on validation): "
-            f"{label(variant)} early-stopped {fmt(best.mean(), 'ppl')} +- "
-            f"{fmt(best.std(), 'ppl')} over {len(best)} seeds on {fmt(tokens, 'count')} "
-            f"training tokens, {change:+.1%}: {verdict}.")
+            f"{fmt(reference['best_val_ppl'], 'ppl')} (its epoch chosen on validation).")
     return sentences
 
 

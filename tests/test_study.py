@@ -296,8 +296,8 @@ def test_the_report_opens_with_the_operating_point(tmp_path):
     assert "| Kneser-Ney trigram |" in text and "chosen on the held-out split" in text
     assert text.count("does not clear the Kneser-Ney") == 2   # tiny models, 2 epochs
     lstm_best = frame.loc[frame["variant"] == "lstm", "best"].mean()
-    for ratio, verdict in ((1.03, "-2.9%: within 5% of it"), (0.8, "+25.0%: more than 5% "
-                                                                   "above it")):
+    for ratio, verdict in ((1.03, "-2.9% against an external reference, within 5% of it"),
+                           (0.8, "+25.0% against an external reference, more than 5% above it")):
         reference = tmp_path / f"external-{ratio}.json"
         reference.write_text(json.dumps({
             "command": "python main.py --epochs 2", "tokens": {"train": 1000, "vocab": 50},
@@ -305,8 +305,9 @@ def test_the_report_opens_with_the_operating_point(tmp_path):
         with_reference = dataclasses.replace(options, external={"lstm": str(reference)})
         text = study_report.write_study_report(with_reference, runs).read_text()
         said = " ".join(text.split())
-        assert "LSTM (tied) against an external reference, `python main.py --epochs 2`" in said
-        assert verdict in said and "2 epochs on 1,000 training tokens, vocabulary 50" in said
+        assert "LSTM (tied), early-stopped val PPL" in said
+        assert f"is {verdict}: `python main.py --epochs 2`" in said
+        assert "2 epochs on 1,000 training tokens, vocabulary 50" in said
     for run in (r for seeds in runs.values() for r in seeds):  # records made before them
         run.references.clear()
     text = study_report.write_study_report(options, runs).read_text()
