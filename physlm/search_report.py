@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
+from physlm.criteria import COUNT_MODELS
 from physlm.files import atomic_write_text
 from physlm.provenance import git_commit
 from physlm.search import SearchSpec, open_study, perplexity
@@ -27,8 +28,6 @@ from physlm.text import Table, environment, portable
 
 BEST = 5           # trials in the table of the best
 STATES = {"COMPLETE": "finished", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
-COUNT_MODELS = {"unigram": "unigram", "kn_bigram": "Kneser-Ney bigram",
-                "kn_trigram": "Kneser-Ney trigram"}
 
 
 def trial_table(study: optuna.Study) -> pd.DataFrame:
