@@ -15,7 +15,16 @@ import pandas as pd
 
 from physlm import history, plots
 from physlm.config import Config, ModelConfig
-from physlm.criteria import CountFloor, count_floor, count_rows, floor_sentence
+from physlm.criteria import (
+    BETTER,
+    MET,
+    NOT_MET,
+    CountFloor,
+    count_floor,
+    count_rows,
+    floor_sentence,
+    ppl_status,
+)
 from physlm.history import PPL_COLUMNS
 from physlm.optim import OPTIMIZER_NAMES
 from physlm.provenance import git_commit
@@ -93,8 +102,9 @@ def external_sentences(options: StudyOptions, frame: pd.DataFrame,
         reference = json.loads(Path(path).read_text(encoding="utf-8"))
         change = best.mean() / reference["best_val_ppl"] - 1
         tolerance = runs[variant][0].config.criteria.ppl_tolerance
-        verdict = (f"within {tolerance:.0%} of it" if abs(change) <= tolerance
-                   else "below it" if change < 0 else f"more than {tolerance:.0%} above it")
+        verdict = {MET: f"within {tolerance:.0%} of it", BETTER: "below it",
+                   NOT_MET: f"more than {tolerance:.0%} above it"}[
+            ppl_status(1 + change, tolerance, control_overfits=False)]
         tokens = runs[variant][0].env.get("data_tokens", {}).get("train")
         sentences.append(
             f"{label(variant)}, early-stopped val PPL {fmt(best.mean(), 'ppl')} +- "
