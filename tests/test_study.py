@@ -187,6 +187,24 @@ def test_the_improved_variants_are_their_recipes():
         recommended.differences(control, allowed=""))
 
 
+@pytest.mark.parametrize("variant, knob", [
+    ("physics_warmup6", {"physics_start_epoch": 6}),
+    ("physics_target_half", {"energy_target_drift": 0.15}),
+])
+def test_the_drift_knobs_are_the_recommended_recipe_and_one_change(variant, knob):
+    """Each drift-reduction variant is params/physics_recommended.yaml with its one knob, and
+    the study trains it with that knob (a variant's physics_start_epoch wins the budget's)."""
+    read = {name: {k: v for k, v in read_params_file(study.PARAMS / f"{name}.yaml").items()
+                   if k != "name"} for name in (variant, "physics_recommended")}
+    assert read[variant] == {**read["physics_recommended"], **knob}
+    options = study.load_study("params/study_tuned.yaml")
+    config = study.run_config(options, variant, 0)
+    recommended = study.run_config(options, "physics_recommended", 0)
+    assert set(config.differences(recommended, allowed="")) == {*knob, "name"}
+    assert config.physics.physics_start_epoch == knob.get("physics_start_epoch",
+                                                          options.physics_start_epoch)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"variants": ["plain"]}, "must include 'control'"),
     ({"variants": ["control", "nonexistent"]}, "has no params/nonexistent.yaml"),
