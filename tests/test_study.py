@@ -190,9 +190,12 @@ def test_the_improved_variants_are_their_recipes():
 @pytest.mark.parametrize("variant, knob", [
     ("physics_warmup6", {"physics_start_epoch": 6}),
     ("physics_target_half", {"energy_target_drift": 0.15}),
+    ("physics_rate10x", {"energy_target_drift": 0.15, "lambda_lr": 0.1}),
+    ("physics_rate100x", {"energy_target_drift": 0.15, "lambda_lr": 1.0}),
 ])
 def test_the_drift_knobs_are_the_recommended_recipe_and_one_change(variant, knob):
-    """Each drift-reduction variant is params/physics_recommended.yaml with its one knob, and
+    """Each drift-reduction variant is params/physics_recommended.yaml with its knob (the rate
+    on the halved target: at 0.3 lambda has nothing to act on), and
     the study trains it with that knob (a variant's physics_start_epoch wins the budget's)."""
     read = {name: {k: v for k, v in read_params_file(study.PARAMS / f"{name}.yaml").items()
                    if k != "name"} for name in (variant, "physics_recommended")}
