@@ -17,6 +17,8 @@ from physlm import history, plots
 from physlm.config import Config, ModelConfig
 from physlm.criteria import (
     BETTER,
+    INACTIVE,
+    INACTIVE_SHARE,
     MET,
     NOT_MET,
     CountFloor,
@@ -24,6 +26,7 @@ from physlm.criteria import (
     count_rows,
     floor_sentence,
     ppl_status,
+    summarize,
 )
 from physlm.history import PPL_COLUMNS
 from physlm.optim import OPTIMIZER_NAMES
@@ -48,7 +51,8 @@ KINDS = {**PPL_COLUMNS, "Val PPL (final, mean)": "ppl", "Val PPL (final, sd)": "
          "Parameters": "count", "Tokens/s (mean)": "count", "Relative to control": "change",
          "vs control": "change", "Val PPL": "ppl", "Val PPL (non-<unk>)": "ppl",
          "Early-stopped val PPL (mean)": "ppl", "Final val PPL (mean)": "ppl",
-         "Early-stopped, non-<unk> (mean)": "ppl"}
+         "Early-stopped, non-<unk> (mean)": "ppl", "Physics from epoch": "count",
+         "Steps within target": "percent", "Energy / LM gradient": "percent"}
 
 
 def study_references(runs: dict[str, list[RunData]]) -> dict:
@@ -152,6 +156,34 @@ def comparisons(frame: pd.DataFrame) -> pd.DataFrame:
                          "95% CI low": p["low"], "95% CI high": p["high"],
                          "Relative to control": p["mean"] / p["control"],
                          "Beyond the seed spread": "yes" if p["exceeds"] else "no"})
+    return pd.DataFrame(rows)
+
+
+def energy_table(runs: dict[str, list[RunData]]) -> pd.DataFrame:
+    """Per variant with the energy penalty, over its finished seeds: when physics starts, the
+    drift target and the steady-state drift against it (physlm.criteria), how far lambda rose,
+    and the energy gradient's share of the LM's: whether the penalty acted at all."""
+    rows = []
+    for variant, seeds in runs.items():
+        done = [run for run in seeds if run.finished and run.config.physics.energy_penalty]
+        if not done:
+            continue
+        summaries = [summarize(run, None) for run in done]
+        lambdas = [run.energy_steps["lambda"].astype(float) for run in done]
+        drift = pd.Series([s.steady_drift for s in summaries], dtype=float)
+        statuses = pd.Series([s.drift_status for s in summaries]).value_counts()
+        rows.append({
+            "Variant": variant, "Seeds": len(done),
+            "Physics from epoch": done[0].config.physics.physics_start_epoch + 1,
+            "Target": done[0].config.physics.energy_target_drift,
+            "Steady drift (mean)": drift.mean(), "Steady drift (sd)": drift.std(),
+            "Steps within target": pd.Series([s.within_target for s in summaries],
+                                             dtype=float).mean(),
+            "Lambda, max (mean)": pd.Series([x.max() for x in lambdas]).mean(),
+            "Lambda, last (mean)": pd.Series([x.iloc[-1] for x in lambdas]).mean(),
+            "Energy / LM gradient": pd.Series([s.energy_share for s in summaries],
+                                              dtype=float).mean(),
+            "Drift status (seeds)": ", ".join(f"{n} {status}" for status, n in statuses.items())})
     return pd.DataFrame(rows)
 
 
@@ -275,6 +307,8 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         selection=" and ".join(sorted(set(frame["selected_on"]))) or "n/a",
         optimizer_names=OPTIMIZER_NAMES,
         comparisons=Table(comparisons(frame), KINDS), phases=Table(phase_table(frame), KINDS),
+        energy=Table(energy_table(runs), KINDS), inactive=INACTIVE,
+        inactive_share=INACTIVE_SHARE,
         conclusion=conclusion(frame), labels={v: label(v) for v in options.variants},
         own_controls=own_controls(options.variants), defaults=ModelConfig(), control=CONTROL,
         unfinished=missing_runs(options, frame) + missing_ablation(options, ablation),

@@ -278,6 +278,20 @@ def test_a_tiny_study_runs_every_variant_and_reports_them(tmp_path):
                     "## Provenance"):
         assert heading in text
     assert "Phase 2: Koopman ResNet-BK" in text                 # its row of the phase table
+    energy = study_report.energy_table(runs).set_index("Variant")
+    assert list(energy.index) == [v for v, seeds in runs.items()
+                                  if seeds[0].config.physics.energy_penalty]
+    recommended = runs["physics_recommended"]
+    row = energy.loc["physics_recommended"]
+    assert math.isnan(row["Steady drift (mean)"])     # 1 physics epoch, the settle window's
+    within = [(run.energy_steps["drift"] <= row["Target"]).mean() for run in recommended]
+    assert row["Steps within target"] == pytest.approx(sum(within) / 3)
+    assert row["Lambda, max (mean)"] == pytest.approx(
+        sum(run.energy_steps["lambda"].max() for run in recommended) / 3)
+    assert sum(int(part.split(" ", 1)[0]) for part in
+               row["Drift status (seeds)"].split(", ")) == 3
+    assert "## Energy conservation" in text and "| physics_depth " in section(
+        text, "## Energy conservation")
     assert text.count("Fixing **") == 2 and "| + dual_lambda |" in text
     assert "each fix alone on the replica (2 more rows) is not run" in text
     writes = text[text.index("## What the variants write"):text.index("## Variants")]
