@@ -27,6 +27,7 @@ from physlm.search import SearchSpec, open_study, perplexity
 from physlm.text import Table, environment, portable
 
 BEST = 5           # trials in the table of the best
+IMPORTANCE_TRIALS = 5   # finished trials before the settings' importances say anything
 STATES = {"COMPLETE": "finished", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
 
 
@@ -45,14 +46,19 @@ def trial_table(study: optuna.Study) -> pd.DataFrame:
 
 
 def importances(study: optuna.Study) -> pd.DataFrame:
-    """Setting -> importance (sums to 1), over the finished trials; empty below two."""
+    """Setting -> importance, over the finished trials; empty below IMPORTANCE_TRIALS. A
+    setting every finished trial shares is left out: it explains nothing (PED-ANOVA over
+    two trials that differ in one setting gives the others shares too)."""
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if len(finished) < 2:
+    if len(finished) < IMPORTANCE_TRIALS:
         return pd.DataFrame(columns=["Setting", "Importance"])
     with warnings.catch_warnings():   # "some regimes have less than 2 trials": the report
         warnings.simplefilter("ignore", UserWarning)   # says the shares are rough
         shares = optuna.importance.get_param_importances(study)
-    return pd.DataFrame({"Setting": list(shares), "Importance": list(shares.values())})
+    varied = {name for name in shares
+              if len({repr(t.params.get(name)) for t in finished}) > 1}
+    return pd.DataFrame({"Setting": [n for n in shares if n in varied],
+                         "Importance": [v for n, v in shares.items() if n in varied]})
 
 
 def curves_figure(study: optuna.Study) -> Figure:
@@ -123,6 +129,7 @@ def write_search_report(spec: SearchSpec, out_dir: str | Path) -> Path:
         best=Table(trials.head(BEST), {"Best held-out PPL": "ppl"}),
         trials=Table(trials, {"Best held-out PPL": "ppl"}), recipe=recipe,
         importances=Table(importances(study), {"Importance": "fraction"}),
+        importance_trials=IMPORTANCE_TRIALS,
         figure=figure_path.relative_to(out).as_posix(),
         storage=portable(spec.storage_path), date=datetime.now(UTC).strftime("%Y-%m-%d"))
     path = out / f"{spec.name}.md"

@@ -188,3 +188,27 @@ def test_the_report_shows_the_trials_the_best_and_the_importances(tmp_path):
     assert written == {**spec.fixed, **search.suggest(optuna.trial.FixedTrial(
         best_trial.params), spec.space)}
     assert f"trial {best_trial.number}" in recipe.read_text().splitlines()[0]
+
+
+def finished_trials(values: list[float], params: list[dict]) -> optuna.Study:
+    distributions = {"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True),
+                     "dropout": optuna.distributions.FloatDistribution(0.0, 0.5)}
+    study = optuna.create_study()
+    for value, drawn in zip(values, params, strict=True):
+        study.add_trial(optuna.trial.create_trial(params=drawn, distributions=distributions,
+                                                  value=value))
+    return study
+
+
+def test_importances_need_enough_trials_and_leave_out_what_no_trial_varied():
+    """Two trials that differ in dropout alone give no table (PED-ANOVA would give lr a
+    share); over enough trials a setting they all share is left out."""
+    two = finished_trials([4.0, 4.2], [{"lr": 0.01, "dropout": 0.1}, {"lr": 0.01, "dropout": 0.3}])
+    assert search_report.importances(two).empty
+    n = search_report.IMPORTANCE_TRIALS
+    varied = finished_trials([4.0 + 0.1 * i for i in range(n)],
+                             [{"lr": 0.01, "dropout": 0.05 * i} for i in range(n)])
+    assert list(search_report.importances(varied)["Setting"]) == ["dropout"]
+    both = finished_trials([4.0 + 0.1 * i for i in range(n)],
+                           [{"lr": 0.01 * (i + 1), "dropout": 0.05 * i} for i in range(n)])
+    assert set(search_report.importances(both)["Setting"]) == {"lr", "dropout"}
