@@ -409,3 +409,14 @@ def test_the_ablation_params_are_the_studys_runs():
         assert getattr(part, key) == getattr(full, key), key
     jobs = {str(job.run_dir): job.config for job in study.plan(full)}
     assert all(jobs[str(job.run_dir)] == job.config for job in study.plan(part))
+
+
+def test_the_regularised_control_differs_from_the_control_in_its_regularisers_only():
+    """control_regularised is the control at a recipe that changes dropout and weight decay
+    alone: what it is compared on is the regularisation physics is said to provide."""
+    options = study.load_study("params/study_tuned.yaml")
+    control, regularised = (study.run_config(options, v, 0)
+                            for v in ("control", "control_regularised"))
+    assert set(regularised.differences(control, allowed="")) <= {"name", "dropout",
+                                                                   "weight_decay"}
+    assert regularised.differences(control, allowed="").keys() - {"name"}
