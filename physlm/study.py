@@ -57,28 +57,37 @@ PARAMS = Path(__file__).resolve().parents[1] / "params"
 # original's flaws, where the ablation starts.
 CONTROL = "control"
 REPLICA = "replica"
+# Physics is said to "act as regularization": a physics recipe on the reference layer is also
+# compared with the control whose dropout and weight decay were tuned (when the study has it).
+REGULARISED = "control_regularised"
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A study variant, params/<name>.yaml: the label the report gives it and the variant it
-    is paired against, seed by seed (the run it may fork its warmup from, too)."""
+    """A study variant, params/<name>.yaml: the label the report gives it, the variant it is
+    paired against, seed by seed (the run it may fork its warmup from, too), and the
+    variants it is also compared with when the study has them."""
 
     label: str
     control: str = CONTROL
+    also: tuple[str, ...] = ()
 
 
 # The study's variants, in the report's order.
+_ALSO = (REGULARISED,)
 VARIANTS = {"plain": Variant("Phase 1: ResNet-BK (plain)"),
             "koopman": Variant("Phase 2: Koopman ResNet-BK"),
-            "physics_reference": Variant("Phase 3: physics, reference recipe"),
-            "physics_recommended": Variant("Phase 3: physics, recommended recipe"),
-            "physics_depth": Variant("Phase 3: physics, depth energy"),
-            "physics_warmup6": Variant("Phase 3: recommended recipe, physics from epoch 6"),
-            "physics_target_half": Variant("Phase 3: recommended recipe, drift target halved"),
-            "physics_rate": Variant("Phase 3: drift target halved, multiplier rate x100"),
+            "physics_reference": Variant("Phase 3: physics, reference recipe", also=_ALSO),
+            "physics_recommended": Variant("Phase 3: physics, recommended recipe", also=_ALSO),
+            "physics_depth": Variant("Phase 3: physics, depth energy", also=_ALSO),
+            "physics_warmup6": Variant("Phase 3: recommended recipe, physics from epoch 6",
+                                       also=_ALSO),
+            "physics_target_half": Variant("Phase 3: recommended recipe, drift target halved",
+                                           also=_ALSO),
+            "physics_rate": Variant("Phase 3: drift target halved, multiplier rate x100",
+                                    also=_ALSO),
             CONTROL: Variant("Control (physics off)"),
-            "control_regularised": Variant("Control, dropout and weight decay tuned"),
+            REGULARISED: Variant("Control with tuned dropout and weight decay"),
             "lstm": Variant("Baseline: LSTM (tied)"),
             "transformer": Variant("Baseline: Transformer (GPT)"),
             "improved": Variant("ResNet-BK, resolvent on the features (physics off)"),
@@ -89,6 +98,13 @@ VARIANTS = {"plain": Variant("Phase 1: ResNet-BK (plain)"),
 def label(variant: str) -> str:
     """The report's name of a variant (its own name when it is not registered)."""
     return VARIANTS[variant].label if variant in VARIANTS else variant
+
+
+def against_of(variant: str, variants: list[str]) -> list[str]:
+    """Every variant `variant` is compared with in a study of `variants`: its control, then
+    those of its `also` that the study has."""
+    also = VARIANTS[variant].also if variant in VARIANTS else ()
+    return [control_of(variant), *(v for v in also if v in variants)]
 
 
 def control_of(variant: str) -> str:

@@ -39,6 +39,7 @@ from physlm.study import (
     REPLICA,
     StudyOptions,
     ablation_rows,
+    against_of,
     control_of,
     label,
     load_ablation_runs,
@@ -139,23 +140,28 @@ def own_controls(variants: list[str]) -> dict[str, str]:
     return {v: control_of(v) for v in variants if control_of(v) not in (CONTROL, v)}
 
 
+def also_compared(variants: list[str]) -> dict[str, list[str]]:
+    """The variants also compared with others of the study (Variant.also), with those."""
+    return {v: extra for v in variants if (extra := against_of(v, variants)[1:])}
+
+
 def comparisons(frame: pd.DataFrame) -> pd.DataFrame:
-    """Each variant minus its control, paired by seed; the column "Against" names the control
-    when some variant has its own."""
+    """Each variant minus its control (then minus each variant it is also compared with),
+    paired by seed; the column "Against" names the control when some variant has another."""
     variants = list(frame["variant"].unique())
-    named = bool(own_controls(variants))
+    named = bool(own_controls(variants) or also_compared(variants))
     rows = []
-    for variant in variants:
-        against = control_of(variant)
-        for metric in ("final", "best"):
-            if variant == CONTROL or (p := paired(frame, variant, metric, against)) is None:
-                continue
-            rows.append({"Variant": variant, **({"Against": against} if named else {}),
-                         "Val PPL at": metric, "Seeds": p["n"],
-                         "Difference (mean)": p["mean"], "Difference (sd)": p["sd"],
-                         "95% CI low": p["low"], "95% CI high": p["high"],
-                         "Relative to control": p["mean"] / p["control"],
-                         "Beyond the seed spread": "yes" if p["exceeds"] else "no"})
+    for variant in (v for v in variants if v != CONTROL):
+        for against in against_of(variant, variants):
+            for metric in ("final", "best"):
+                if (p := paired(frame, variant, metric, against)) is None:
+                    continue
+                rows.append({"Variant": variant, **({"Against": against} if named else {}),
+                             "Val PPL at": metric, "Seeds": p["n"],
+                             "Difference (mean)": p["mean"], "Difference (sd)": p["sd"],
+                             "95% CI low": p["low"], "95% CI high": p["high"],
+                             "Relative to control": p["mean"] / p["control"],
+                             "Beyond the seed spread": "yes" if p["exceeds"] else "no"})
     return pd.DataFrame(rows)
 
 
@@ -201,14 +207,20 @@ def phase_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def conclusion(frame: pd.DataFrame) -> list[str]:
     """Sentences, each filled from one computed comparison (final-epoch PPL) of a variant
-    with its control."""
-    def against_name(variant: str) -> str:
-        against = control_of(variant)
-        return "the control" if against == CONTROL else f"its control, {label(against)}"
+    with its control, or with a variant it is also compared with."""
+    variants = list(frame["variant"].unique())
 
-    return [sentence for variant in frame["variant"].unique() if variant != CONTROL
-            and (sentence := comparison_sentence(frame, variant, control_of(variant),
-                                                 against_name(variant)))]
+    def against_name(variant: str, against: str) -> str:
+        if against == CONTROL:
+            return "the control"
+        if against == control_of(variant):
+            return f"its control, {label(against)}"
+        return "the " + label(against)[0].lower() + label(against)[1:]
+
+    return [sentence for variant in variants if variant != CONTROL
+            for against in against_of(variant, variants)
+            if (sentence := comparison_sentence(frame, variant, against,
+                                                against_name(variant, against)))]
 
 
 def comparison_sentence(frame: pd.DataFrame, variant: str, against: str,
@@ -310,7 +322,8 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         energy=Table(energy_table(runs), KINDS), inactive=INACTIVE,
         inactive_share=INACTIVE_SHARE,
         conclusion=conclusion(frame), labels={v: label(v) for v in options.variants},
-        own_controls=own_controls(options.variants), defaults=ModelConfig(), control=CONTROL,
+        own_controls=own_controls(options.variants),
+        also_compared=also_compared(options.variants), defaults=ModelConfig(), control=CONTROL,
         unfinished=missing_runs(options, frame) + missing_ablation(options, ablation),
         koopman=history.koopman_table(runs.get("koopman", [])), ablation=rows,
         koopman_vs_plain=comparison_sentence(frame, "koopman", "plain",

@@ -143,6 +143,26 @@ def test_a_variant_with_its_own_control_is_paired_and_forks_against_it(tmp_path,
         tiny_study(tmp_path, variants=["control", "physics_improved"])
 
 
+def test_physics_is_also_compared_with_the_regularised_control_when_the_study_has_it():
+    """A physics recipe on the reference layer is paired against the control and, when the
+    study has it, against the control with tuned regularisation: two rows, two sentences."""
+    frame = pd.DataFrame({"variant": ["control"] * 3 + ["control_regularised"] * 3
+                          + ["physics_recommended"] * 3, "seed": [0, 1, 2] * 3,
+                          "final": [100.0, 110.0, 120.0, 95.0, 104.0, 116.0, 99.0, 109.0, 118.0]})
+    frame["best"] = frame["final"]
+    finals = study_report.comparisons(frame).query("`Val PPL at` == 'final'")
+    physics = finals[finals["Variant"] == "physics_recommended"].set_index("Against")
+    assert list(physics.index) == ["control", "control_regularised"]
+    assert physics.loc["control", "Difference (mean)"] == pytest.approx(-4 / 3)
+    assert physics.loc["control_regularised", "Difference (mean)"] == pytest.approx(11 / 3)
+    sentences = study_report.conclusion(frame)
+    assert len(sentences) == 3 and sentences[2].endswith("no effect is shown.")
+    assert "higher than the control with tuned dropout and weight decay on average" in \
+        sentences[2]
+    alone = study_report.comparisons(frame[frame["variant"] != "control_regularised"])
+    assert "Against" not in alone and len(alone) == 2
+
+
 def test_the_report_names_a_variants_own_control_and_its_layer(tmp_path):
     options = tiny_study(tmp_path, variants=["control", "improved", "physics_improved"],
                          seeds=[0, 1])
