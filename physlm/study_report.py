@@ -78,6 +78,10 @@ def operating_point(frame: pd.DataFrame, floor: CountFloor) -> pd.DataFrame:
             lambda splits: ", ".join(sorted(set(splits)))).to_numpy()})
 
 
+def seeds_phrase(n: int) -> str:
+    return "one seed" if n == 1 else f"mean over {n} seeds"
+
+
 def floor_sentences(point: pd.DataFrame, floor: CountFloor) -> list[str]:
     """A sentence for each variant that does not clear the best count model at its
     early-stopped epoch, then one naming those that do."""
@@ -85,7 +89,7 @@ def floor_sentences(point: pd.DataFrame, floor: CountFloor) -> list[str]:
     sentences = [floor_sentence(label(row["Variant"]), floor,
                                 row["Early-stopped val PPL (mean)"],
                                 row["Final val PPL (mean)"],
-                                f"at its early-stopped epoch (mean over {row['Seeds']} seeds)")
+                                f"at its early-stopped epoch ({seeds_phrase(row['Seeds'])})")
                  for _, row in point[~below].iterrows()]
     if below.any():
         sentences.append(f"{', '.join(point.loc[below, 'Variant'])} "

@@ -275,6 +275,9 @@ def test_the_operating_point_names_who_clears_the_count_floor():
                             "epoch (mean over seeds).")
     one = study_report.floor_sentences(point.iloc[:2], floor)[1]
     assert one.startswith("lstm clears the Kneser-Ney bigram")
+    assert "epoch (mean over 3 seeds), 175.00" in sentences[0]
+    single = study_report.floor_sentences(point.assign(Seeds=1), floor)[0]
+    assert "at its early-stopped epoch (one seed), 175.00" in single
 
 
 @pytest.mark.slow
