@@ -26,6 +26,7 @@ from physlm.criteria import (
     count_rows,
     floor_sentence,
     ppl_status,
+    steady_state,
     summarize,
 )
 from physlm.history import PPL_COLUMNS
@@ -179,7 +180,7 @@ def energy_table(runs: dict[str, list[RunData]]) -> pd.DataFrame:
         if not done:
             continue
         summaries = [summarize(run, None) for run in done]
-        lambdas = [run.energy_steps["lambda"].astype(float) for run in done]
+        lambdas = [steady_lambda(run) for run in done]
         drift = pd.Series([s.steady_drift for s in summaries], dtype=float)
         statuses = pd.Series([s.drift_status for s in summaries]).value_counts()
         rows.append({
@@ -189,12 +190,18 @@ def energy_table(runs: dict[str, list[RunData]]) -> pd.DataFrame:
             "Steady drift (mean)": drift.mean(), "Steady drift (sd)": drift.std(),
             "Steps within target": pd.Series([s.within_target for s in summaries],
                                              dtype=float).mean(),
-            "Lambda, max (mean)": pd.Series([x.max() for x in lambdas]).mean(),
-            "Lambda, last (mean)": pd.Series([x.iloc[-1] for x in lambdas]).mean(),
+            "Lambda, steady (mean)": pd.Series([x.mean() for x in lambdas]).mean(),
+            "Lambda, steady max (mean)": pd.Series([x.max() for x in lambdas]).mean(),
             "Energy / LM gradient": pd.Series([s.energy_share for s in summaries],
                                               dtype=float).mean(),
             "Drift status (seeds)": ", ".join(f"{n} {status}" for status, n in statuses.items())})
     return pd.DataFrame(rows)
+
+
+def steady_lambda(run: RunData) -> pd.Series:
+    """lambda (mean over layers) at each physics step of the steady state (criteria)."""
+    steps = run.energy_steps
+    return steps.loc[steps["epoch"].isin(steady_state(run)["epoch"]), "lambda"].astype(float)
 
 
 def phase_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -324,6 +331,7 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         optimizer_names=OPTIMIZER_NAMES,
         comparisons=Table(comparisons(frame), KINDS), phases=Table(phase_table(frame), KINDS),
         energy=Table(energy_table(runs), KINDS), inactive=INACTIVE,
+        settle=next(iter(configs.values())).criteria.settle_epochs if configs else 0,
         inactive_share=INACTIVE_SHARE,
         conclusion=conclusion(frame), labels={v: label(v) for v in options.variants},
         own_controls=own_controls(options.variants),

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -308,8 +309,7 @@ def test_a_tiny_study_runs_every_variant_and_reports_them(tmp_path):
     assert math.isnan(row["Steady drift (mean)"])     # 1 physics epoch, the settle window's
     within = [(run.energy_steps["drift"] <= row["Target"]).mean() for run in recommended]
     assert row["Steps within target"] == pytest.approx(sum(within) / 3)
-    assert row["Lambda, max (mean)"] == pytest.approx(
-        sum(run.energy_steps["lambda"].max() for run in recommended) / 3)
+    assert math.isnan(row["Lambda, steady (mean)"])   # no steady state: no steps in it
     assert sum(int(part.split(" ", 1)[0]) for part in
                row["Drift status (seeds)"].split(", ")) == 3
     assert "## Energy conservation" in text and "| physics_depth " in section(
@@ -443,3 +443,17 @@ def test_the_regularised_control_differs_from_the_control_in_its_regularisers_on
     assert set(regularised.differences(control, allowed="")) <= {"name", "dropout",
                                                                    "weight_decay"}
     assert regularised.differences(control, allowed="").keys() - {"name"}
+
+
+def test_the_energy_table_reads_lambda_in_the_steady_state_only():
+    """lambda over the physics steps after the settle window: the first physics epoch (where
+    lambda starts at its initial value whatever the drift) is left out."""
+    epochs = pd.DataFrame({"epoch": [0, 1, 2, 3], "phase": ["warmup", "physics", "physics",
+                                                            "physics"],
+                           "energy_steps": [0, 2, 2, 2]})
+    steps = pd.DataFrame({"epoch": [1, 1, 2, 2, 3, 3],
+                          "lambda": [0.05, 0.04, 0.0, 0.2, 0.1, 0.3]})
+    run = SimpleNamespace(config=SimpleNamespace(criteria=SimpleNamespace(settle_epochs=1)),
+                          phase=lambda name: epochs[epochs["phase"] == name],
+                          energy_steps=steps)
+    assert list(study_report.steady_lambda(run)) == [0.0, 0.2, 0.1, 0.3]
