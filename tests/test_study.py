@@ -228,6 +228,24 @@ def test_the_drift_knobs_are_the_recommended_recipe_and_one_change(variant, knob
                                                           options.physics_start_epoch)
 
 
+@pytest.mark.parametrize("variant, change", [
+    ("layer_shifts", {"bk_potentials": 4, "bk_shift": "learned"}),
+    ("layer_coupling", {"bk_coupling": "learned"}),
+    ("layer_balance", {"moe_balance_weight": 0.01}),
+])
+def test_each_screened_layer_variant_is_the_control_and_one_change(variant, change):
+    """The layer screen (issue 23) changes one thing of the control, at its tuned recipe, and
+    reuses the tuned study's control and improved runs (same settings, same run directory)."""
+    layers, tuned = (study.load_study(f"params/study_{name}.yaml") for name in ("layers", "tuned"))
+    config, control = (study.run_config(layers, v, 0) for v in (variant, "control"))
+    assert config.differences(control, allowed="") == {
+        **{key: (value, getattr(control.model, key)) for key, value in change.items()},
+        "name": (f"{variant}_s0", "control_s0")}
+    assert study.study_dir(layers) == study.study_dir(tuned)
+    for shared in ("control", "improved"):
+        assert study.run_config(layers, shared, 0) == study.run_config(tuned, shared, 0)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"variants": ["plain"]}, "must include 'control'"),
     ({"variants": ["control", "nonexistent"]}, "has no params/nonexistent.yaml"),
