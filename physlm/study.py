@@ -95,7 +95,9 @@ VARIANTS = {"plain": Variant("Phase 1: ResNet-BK (plain)"),
             "layer_balance": Variant("ResNet-BK, MoE load balancing"),
             "improved": Variant("ResNet-BK, resolvent on the features (physics off)"),
             "physics_improved": Variant("Physics on the improved ResNet-BK, recommended recipe",
-                                        control="improved")}
+                                        control="improved"),
+            "improved_regularised": Variant("The improved ResNet-BK with tuned weight decay",
+                                            control="improved")}
 
 
 def label(variant: str) -> str:

@@ -461,6 +461,11 @@ def test_the_regularised_control_differs_from_the_control_in_its_regularisers_on
     assert set(regularised.differences(control, allowed="")) <= {"name", "dropout",
                                                                    "weight_decay"}
     assert regularised.differences(control, allowed="").keys() - {"name"}
+    improved, improved_regularised = (study.run_config(options, v, 0)
+                                      for v in ("improved", "improved_regularised"))
+    assert improved_regularised.differences(improved, allowed="") == {
+        **{k: v for k, v in regularised.differences(control, allowed="").items()
+           if k != "name"}, "name": ("improved_regularised_s0", "improved_s0")}
 
 
 def test_the_energy_table_reads_lambda_in_the_steady_state_only():
