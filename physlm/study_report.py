@@ -93,9 +93,11 @@ def floor_sentences(point: pd.DataFrame, floor: CountFloor) -> list[str]:
                                 f"at its early-stopped epoch ({seeds_phrase(row['Seeds'])})")
                  for _, row in point[~below].iterrows()]
     if below.any():
+        seeds = set(point.loc[below, "Seeds"])
+        over = seeds_phrase(seeds.pop()) if len(seeds) == 1 else "mean over seeds"
         sentences.append(f"{', '.join(point.loc[below, 'Variant'])} "
                          f"{'clears' if below.sum() == 1 else 'clear'} the {floor.name} at the "
-                         "early-stopped epoch (mean over seeds).")
+                         f"early-stopped epoch ({over}).")
     return sentences
 
 

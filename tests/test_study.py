@@ -291,12 +291,16 @@ def test_the_operating_point_names_who_clears_the_count_floor():
     assert len(sentences) == 2 and sentences[0].startswith(
         "Control (physics off) does not clear the Kneser-Ney bigram")
     assert sentences[1] == ("lstm, improved clear the Kneser-Ney bigram at the early-stopped "
-                            "epoch (mean over seeds).")
+                            "epoch (mean over 3 seeds).")
     one = study_report.floor_sentences(point.iloc[:2], floor)[1]
     assert one.startswith("lstm clears the Kneser-Ney bigram")
     assert "epoch (mean over 3 seeds), 175.00" in sentences[0]
     single = study_report.floor_sentences(point.assign(Seeds=1), floor)[0]
     assert "at its early-stopped epoch (one seed), 175.00" in single
+    assert study_report.floor_sentences(point.assign(Seeds=1), floor)[1].endswith(
+        "at the early-stopped epoch (one seed).")
+    mixed = study_report.floor_sentences(point.assign(Seeds=[3, 3, 1]), floor)[1]
+    assert mixed.endswith("at the early-stopped epoch (mean over seeds).")
 
 
 @pytest.mark.slow
