@@ -57,8 +57,11 @@ def importances(study: optuna.Study) -> pd.DataFrame:
         shares = optuna.importance.get_param_importances(study)
     varied = {name for name in shares
               if len({repr(t.params.get(name)) for t in finished}) > 1}
-    return pd.DataFrame({"Setting": [n for n in shares if n in varied],
-                         "Importance": [v for n, v in shares.items() if n in varied]})
+    frame = pd.DataFrame({"Setting": [n for n in shares if n in varied],
+                          "Importance": [v for n, v in shares.items() if n in varied]})
+    # Ties (settings with no share) in name order: Optuna's order of them changes between calls.
+    return frame.sort_values(["Importance", "Setting"], ascending=[False, True],
+                             ignore_index=True)
 
 
 def curves_figure(study: optuna.Study) -> Figure:

@@ -211,4 +211,6 @@ def test_importances_need_enough_trials_and_leave_out_what_no_trial_varied():
     assert list(search_report.importances(varied)["Setting"]) == ["dropout"]
     both = finished_trials([4.0 + 0.1 * i for i in range(n)],
                            [{"lr": 0.01 * (i + 1), "dropout": 0.05 * i} for i in range(n)])
-    assert set(search_report.importances(both)["Setting"]) == {"lr", "dropout"}
+    shares = search_report.importances(both)
+    assert set(shares["Setting"]) == {"lr", "dropout"}
+    assert list(shares["Importance"]) == sorted(shares["Importance"], reverse=True)
