@@ -82,6 +82,9 @@ class Config:
              "bk_gradient: surrogate is the original's layer: it needs the default bk_* settings"),
             (0.01 < m.bk_gamma_init_min <= 1, "bk_gamma_init_min must be in (0.01, 1] (above "
              "the floor of a learned gamma, at most the reference shift)"),
+            (m.architecture == "resnet_bk" or not m.tie_embeddings,
+             f"tie_embeddings: true needs architecture: resnet_bk (the LSTM's head is always "
+             f"tied; got {m.architecture})"),
             (m.moe_balance_weight >= 0, "moe_balance_weight must be >= 0"),
             (m.architecture == "resnet_bk" or m.moe_balance_weight == 0,
              f"moe_balance_weight > 0 needs architecture: resnet_bk, whose layers have experts "

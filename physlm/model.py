@@ -2,7 +2,7 @@
 
     h_0 = token_embedding(x) + position_embedding(0..N-1)
     h_l = h_{l-1} + layer_l(h_{l-1}),   l = 1..L
-    logits = lm_head(LayerNorm(h_L))
+    logits = lm_head(LayerNorm(h_L))      lm_head.weight = token_embedding.weight when tied
 
     layer(h):  u = LayerNorm(h);  f = MoE(u)
                v = clamp(Linear(D,1)(f), -3, 3)                 one potential per position
@@ -124,6 +124,8 @@ class ResNetBK(nn.Module):
         self.lm_head = nn.Linear(config.d_model, vocab_size)
         for embedding in (self.token_embedding, self.position_embedding):
             nn.init.normal_(embedding.weight, std=config.embedding_init_std)
+        if config.tie_embeddings:   # the head's own draw above is discarded, not skipped
+            self.lm_head.weight = self.token_embedding.weight
         # Drawn last, so the language model's initial weights are those without it.
         self.koopman = (Koopman(config.d_model, config.n_layers, config.koopman_dim)
                         if config.koopman else None)

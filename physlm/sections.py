@@ -62,6 +62,9 @@ class ModelConfig:
     bk_gamma_init_min: float = 0.1
     moe_balance_weight: float = 0.0  # alpha of the Switch balancing term (ModelOutput)
     energy_heads: bool = True
+    # The LM head's weight is the token embedding (Press & Wolf 2017, as the LSTM baseline's):
+    # one V x D matrix instead of two, so d_model can grow at the same parameter count.
+    tie_embeddings: bool = False
     # Token and position embeddings ~ N(0, std^2): 1.0 is nn.Embedding's default, which the
     # original kept (SPEC section 7); 0.02 is GPT-2's.
     embedding_init_std: float = 1.0

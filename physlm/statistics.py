@@ -21,9 +21,11 @@ def run_numbers(run: RunData) -> dict[str, float]:
     epochs = run.epochs
     best, best_epoch = run.best_epoch()
     known = epochs.get("val_ppl_known", pd.Series(math.nan, index=epochs.index)).astype(float)
+    chosen = run.best_record()
     return {"final": float(epochs["val_ppl"].iloc[-1]), "best": best, "best_epoch": best_epoch,
             "final_known": float(known.iloc[-1]),
-            "best_known": float(known.loc[run.best_record().name]),
+            "best_known": float(known.loc[chosen.name]),
+            "heldout": float(chosen.get("heldout_ppl", math.nan)),
             "selected_on": run.selected_on,
             "parameters": run.env.get("parameters", {}).get("total", math.nan),
             "tokens_per_s": float(epochs["tokens_per_s"].mean()),
@@ -32,14 +34,14 @@ def run_numbers(run: RunData) -> dict[str, float]:
 
 def numbers(runs: dict[str, list[RunData]]) -> pd.DataFrame:
     """One row per finished run: variant, seed, final and best val PPL (over all targets, and
-    over the non-<unk> ones: NaN for runs trained before they were logged), best epoch and
-    the split it was chosen on, size, speed (an unfinished run is left out: its last epoch
-    is not its final one)."""
+    over the non-<unk> ones: NaN for runs trained before they were logged), best epoch, the
+    split it was chosen on and the held-out PPL there (NaN without held-out lines), size,
+    speed (an unfinished run is left out: its last epoch is not its final one)."""
     return pd.DataFrame([{"variant": variant, "seed": run.config.train.seed, **run_numbers(run)}
                          for variant, seeds in runs.items() for run in seeds if run.finished],
                         columns=["variant", "seed", "final", "best", "best_epoch", "final_known",
-                                 "best_known", "selected_on", "parameters", "tokens_per_s",
-                                 "finished"])
+                                 "best_known", "selected_on", "heldout", "parameters",
+                                 "tokens_per_s", "finished"])
 
 
 def paired(frame: pd.DataFrame, variant: str, metric: str,

@@ -97,7 +97,9 @@ VARIANTS = {"plain": Variant("Phase 1: ResNet-BK (plain)"),
             "physics_improved": Variant("Physics on the improved ResNet-BK, recommended recipe",
                                         control="improved"),
             "improved_regularised": Variant("The improved ResNet-BK with tuned weight decay",
-                                            control="improved")}
+                                            control="improved"),
+            "improved_tied": Variant("The improved ResNet-BK, tied head, d_model 88",
+                                     control="improved")}
 
 
 def label(variant: str) -> str:
@@ -140,6 +142,8 @@ class StudyOptions:
     # Variant -> the results file of an external reference trained on the same data's tokens
     # (benchmarks/external_wlm.py: the public word_language_model script), set beside it.
     external: dict[str, str] = field(default_factory=dict)
+    # Results files of the context benchmark (benchmarks/context.py), shown in the report.
+    context: list[str] = field(default_factory=list)
     workers: int = 2                                    # runs at once per machine (no GPU)
     address: str | None = None                          # a Ray cluster to join (physlm.executor)
 
@@ -156,6 +160,8 @@ class StudyOptions:
             *((variant in self.variants and Path(path).is_file(), f"external: {variant} -> "
                f"{path} needs the variant among variants and the results file")
               for variant, path in self.external.items()),
+            *((Path(path).is_file(), f"context: {path} is not a file (a results file of "
+               "benchmarks/context.py)") for path in self.context),
             (all(re.fullmatch(r"[A-Za-z0-9_-]+", fix) for fix in self.ablation),
              "ablation fixes are named by letters, digits, '_' or '-' (a folder name)"))
             if not ok]

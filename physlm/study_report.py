@@ -7,7 +7,6 @@ Every sentence of the conclusion is a template filled from one paired comparison
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,19 +15,16 @@ import pandas as pd
 from physlm import history, plots
 from physlm.config import Config, ModelConfig
 from physlm.criteria import (
-    BETTER,
     INACTIVE,
     INACTIVE_SHARE,
-    MET,
-    NOT_MET,
     CountFloor,
     count_floor,
     count_rows,
     floor_sentence,
-    ppl_status,
     steady_state,
     summarize,
 )
+from physlm.external import context_table, external_sentences
 from physlm.history import PPL_COLUMNS
 from physlm.optim import OPTIMIZER_NAMES
 from physlm.provenance import git_commit
@@ -54,7 +50,8 @@ KINDS = {**PPL_COLUMNS, "Val PPL (final, mean)": "ppl", "Val PPL (final, sd)": "
          "vs control": "change", "Val PPL": "ppl", "Val PPL (non-<unk>)": "ppl",
          "Early-stopped val PPL (mean)": "ppl", "Final val PPL (mean)": "ppl",
          "Early-stopped, non-<unk> (mean)": "ppl", "Physics from epoch": "count",
-         "Steps within target": "percent", "Energy / LM gradient": "percent"}
+         "Steps within target": "percent", "Energy / LM gradient": "percent",
+         "Held-out PPL at best (mean)": "ppl", "Held-out PPL at best (sd)": "ppl"}
 
 
 def study_references(runs: dict[str, list[RunData]]) -> dict:
@@ -101,39 +98,13 @@ def floor_sentences(point: pd.DataFrame, floor: CountFloor) -> list[str]:
     return sentences
 
 
-def external_sentences(options: StudyOptions, frame: pd.DataFrame,
-                       runs: dict[str, list[RunData]]) -> list[str]:
-    """Each variant of `options.external` against its external reference's best validation
-    PPL (a results file of benchmarks/external_wlm.py): "within" the variant's ppl_tolerance
-    (physlm.criteria's band around the control), else above or below it."""
-    sentences = []
-    for variant, path in options.external.items():
-        best = frame.loc[frame["variant"] == variant, "best"]
-        if best.empty:
-            continue
-        reference = json.loads(Path(path).read_text(encoding="utf-8"))
-        change = best.mean() / reference["best_val_ppl"] - 1
-        tolerance = runs[variant][0].config.criteria.ppl_tolerance
-        verdict = {MET: f"within {tolerance:.0%} of it", BETTER: "below it",
-                   NOT_MET: f"more than {tolerance:.0%} above it"}[
-            ppl_status(1 + change, tolerance, control_overfits=False)]
-        tokens = runs[variant][0].env.get("data_tokens", {}).get("train")
-        sentences.append(
-            f"{label(variant)}, early-stopped val PPL {fmt(best.mean(), 'ppl')} +- "
-            f"{fmt(best.std(), 'ppl')} over {len(best)} seeds ({fmt(tokens, 'count')} training "
-            f"tokens), is {change:+.1%} against an external reference, {verdict}: "
-            f"`{reference['command']}` (`{portable(path)}`), {len(reference['epochs'])} epochs "
-            f"on {reference['tokens']['train']:,} training tokens, vocabulary "
-            f"{reference['tokens']['vocab']:,}, best val PPL "
-            f"{fmt(reference['best_val_ppl'], 'ppl')} (its epoch chosen on validation).")
-    return sentences
-
-
 def study_table(frame: pd.DataFrame) -> pd.DataFrame:
     grouped = frame.groupby("variant", sort=False)
     return pd.DataFrame({
         "Variant": list(grouped.groups), "Seeds": grouped.size().to_numpy(),
         "Parameters": grouped["parameters"].first().to_numpy(),
+        "Held-out PPL at best (mean)": grouped["heldout"].mean().to_numpy(),
+        "Held-out PPL at best (sd)": grouped["heldout"].std().to_numpy(),
         "Best val PPL (mean)": grouped["best"].mean().to_numpy(),
         "Best val PPL (sd)": grouped["best"].std().to_numpy(),
         "Final val PPL (mean)": grouped["final"].mean().to_numpy(),
@@ -329,6 +300,7 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         point=None if point is None else Table(point, KINDS),
         floor_sentences=[] if point is None else floor_sentences(point, floor),
         external=external_sentences(options, frame, runs),
+        context=[(portable(path), *context_table(path)) for path in options.context],
         selection=" and ".join(sorted(set(frame["selected_on"]))) or "n/a",
         optimizer_names=OPTIMIZER_NAMES,
         comparisons=Table(comparisons(frame), KINDS), phases=Table(phase_table(frame), KINDS),

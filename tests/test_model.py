@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import physlm.losses
 from physlm.build import build_model
 from physlm.config import Config, ModelConfig, from_flat
+from physlm.errors import ConfigError
 from physlm.losses import linear_cross_entropy
 from physlm.model import ResNetBK, count_parameters
 from physlm.moe import SparseMoE
@@ -130,3 +131,30 @@ def test_fused_linear_cross_entropy_matches_reference(monkeypatch, bias):
 def test_longer_than_n_seq_is_an_error():
     with pytest.raises(ValueError, match="longer than n_seq"):
         _tiny()(torch.zeros(1, 13, dtype=torch.long))
+
+
+def test_tied_head_is_the_token_embedding():
+    """tie_embeddings: one V x D matrix fewer; its gradient is the sum of the two uses', the
+    gradients the untied model gives its embedding and its head at the same weights; a
+    checkpoint loaded into a tied model keeps it tied."""
+    torch.manual_seed(0)
+    untied, _ = build_model(from_flat({"d_model": 16, "n_seq": 8, "energy_heads": False,
+                                       "energy_penalty": False}), 50)
+    tied, _ = build_model(from_flat({"d_model": 16, "n_seq": 8, "energy_heads": False,
+                                     "energy_penalty": False, "tie_embeddings": True}), 50)
+    assert tied.lm_head.weight is tied.token_embedding.weight
+    assert count_parameters(untied)["total"] - count_parameters(tied)["total"] == 50 * 16
+    with torch.no_grad():
+        untied.lm_head.weight.copy_(untied.token_embedding.weight)
+    tied.load_state_dict(untied.state_dict())
+    assert tied.lm_head.weight is tied.token_embedding.weight
+    x = torch.randint(0, 50, (2, 8))
+    for model in (untied, tied):
+        model.eval()
+        model(x[:, :-1], x[:, 1:]).loss.backward()
+    assert tied(x[:, :-1], x[:, 1:]).loss.item() == pytest.approx(
+        untied(x[:, :-1], x[:, 1:]).loss.item())
+    torch.testing.assert_close(tied.token_embedding.weight.grad,
+                               untied.token_embedding.weight.grad + untied.lm_head.weight.grad)
+    with pytest.raises(ConfigError, match="tie_embeddings: true needs architecture: resnet_bk"):
+        from_flat({"architecture": "transformer", "tie_embeddings": True})

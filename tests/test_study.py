@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from physlm import statistics, study, study_report, text
+from physlm import external, statistics, study, study_report, text
 from physlm.config import from_flat, read_params_file
 from physlm.executor import run_job
 from physlm.files import read_jsonl
@@ -194,6 +194,9 @@ def test_the_improved_variants_are_their_recipes():
                    if k != "name"}
             for name in ("control", "improved", "physics_improved", "physics_recommended")}
     assert read["improved"] == {**read["control"], **IMPROVED}
+    tied = {k: v for k, v in read_params_file(study.PARAMS / "improved_tied.yaml").items()
+            if k != "name"}
+    assert tied == {**read["improved"], "d_model": 88, "tie_embeddings": True}
     layer = {k: v for k, v in read["improved"].items() if k != "energy_penalty"}
     assert read["physics_improved"] == {**layer, **read["physics_recommended"]}
     options = study.load_study("params/study.yaml")
@@ -255,6 +258,7 @@ def test_each_screened_layer_variant_is_the_control_and_one_change(variant, chan
     ({"ablation": {"a fix": {"bk_mode": "causal"}}}, "ablation fixes are named"),
     ({"ablation": "x"}, "ablation: parameter file not found: x; give a mapping of fix: "),
     ({"external": {"lstm": "nope.json"}}, "external: lstm -> nope.json needs the variant"),
+    ({"context": ["nope.json"]}, "context: nope.json is not a file"),
 ])
 def test_bad_study_settings_are_one_clear_error(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
@@ -365,6 +369,8 @@ def test_the_report_opens_with_the_operating_point(tmp_path):
         runs[variant] = [load_run(run_dir)]
     frame = statistics.numbers(runs)
     assert set(frame["selected_on"]) == {"held-out"} and frame["best_known"].notna().all()
+    assert frame["heldout"].tolist() == [r.epochs["heldout_ppl"].min()   # the chosen epoch's
+                                         for seeds in runs.values() for r in seeds]
     text = study_report.write_study_report(options, runs).read_text()
     assert text.index("## Operating point") < text.index("## Conclusion")
     floor = min(ppl["all"] for ppl in runs["control"][0].references["valid"]["ppl"].values())
@@ -484,3 +490,21 @@ def test_the_energy_table_reads_lambda_in_the_steady_state_only():
                           phase=lambda name: epochs[epochs["phase"] == name],
                           energy_steps=steps)
     assert list(study_report.steady_lambda(run)) == [0.0, 0.2, 0.1, 0.3]
+
+
+def test_the_context_benchmark_table_reads_its_results_file(tmp_path):
+    """Milliseconds per token by N for each model of a benchmarks/context.py results file, and
+    the longest N's over the shortest's as its last row; a model stopped at some N (its cell
+    absent there) is n/a there."""
+    results = {"settings": {"models": {"a": {"settings": {}}, "b": {"settings": {"x": 1}}}},
+               "rows": [{"n": 128, "batch": 4, "models": {"a": {"ms_per_token": 0.30012},
+                                                          "b": {"ms_per_token": 0.5}}},
+                        {"n": 16384, "batch": 1, "models": {"a": {"ms_per_token": 0.33}}}],
+               "time_per_token_longest_over_shortest": {"a": 1.1}}
+    path = tmp_path / "context.json"
+    path.write_text(json.dumps(results))
+    frame, read = external.context_table(path)
+    assert read == results
+    assert frame["N"].tolist() == ["128", "16,384", "longest / shortest"]
+    assert frame["a"].tolist() == [0.3, 0.33, 1.1]
+    assert frame["b"].iloc[0] == 0.5 and frame["b"].iloc[1:].isna().all()

@@ -1,0 +1,71 @@
+"""Results files from benchmarks/ that a study's report cites beside its own runs:
+
+- `external`: a reference trained by other code on the same tokens (benchmarks/external_wlm.py:
+  the public word_language_model script), against a variant's early-stopped val PPL;
+- `context`: the context benchmark (benchmarks/context.py), one training step of each whole
+  model at N from 128 to 16,384 with B * N fixed, so that O(N) reads as a flat per-token
+  time: ratio = (ms per token at the longest N) / (ms per token at the shortest).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from physlm.criteria import BETTER, MET, NOT_MET, ppl_status
+from physlm.runs import RunData
+from physlm.study import StudyOptions, label
+from physlm.text import fmt, portable
+
+
+def read_results(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def external_sentences(options: StudyOptions, frame: pd.DataFrame,
+                       runs: dict[str, list[RunData]]) -> list[str]:
+    """Each variant of `options.external` against its external reference's best validation
+    PPL (a results file of benchmarks/external_wlm.py): "within" the variant's ppl_tolerance
+    (physlm.criteria's band around the control), else above or below it."""
+    sentences = []
+    for variant, path in options.external.items():
+        best = frame.loc[frame["variant"] == variant, "best"]
+        if best.empty:
+            continue
+        reference = read_results(path)
+        change = best.mean() / reference["best_val_ppl"] - 1
+        tolerance = runs[variant][0].config.criteria.ppl_tolerance
+        verdict = {MET: f"within {tolerance:.0%} of it", BETTER: "below it",
+                   NOT_MET: f"more than {tolerance:.0%} above it"}[
+            ppl_status(1 + change, tolerance, control_overfits=False)]
+        tokens = runs[variant][0].env.get("data_tokens", {}).get("train")
+        sentences.append(
+            f"{label(variant)}, early-stopped val PPL {fmt(best.mean(), 'ppl')} +- "
+            f"{fmt(best.std(), 'ppl')} over {len(best)} seeds ({fmt(tokens, 'count')} training "
+            f"tokens), is {change:+.1%} against an external reference, {verdict}: "
+            f"`{reference['command']}` (`{portable(path)}`), {len(reference['epochs'])} epochs "
+            f"on {reference['tokens']['train']:,} training tokens, vocabulary "
+            f"{reference['tokens']['vocab']:,}, best val PPL "
+            f"{fmt(reference['best_val_ppl'], 'ppl')} (its epoch chosen on validation).")
+    return sentences
+
+
+def context_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The context benchmark's per-token time (ms, median of its rounds) by N for each model
+    that ran, a last row with the longest N's over the shortest's; and the file's settings
+    and machine, for the sentence that says what was timed."""
+    results = read_results(path)
+    models = list(results["settings"]["models"])
+    rows = [{"N": f"{row['n']:,}", "Batch": row["batch"],
+             **{model: _round(row["models"][model].get("ms_per_token")) for model in models
+                if model in row["models"]}} for row in results["rows"]]
+    ratios = results["time_per_token_longest_over_shortest"]
+    rows.append({"N": "longest / shortest", "Batch": "", **{m: ratios.get(m) for m in models}})
+    return pd.DataFrame(rows), results
+
+
+def _round(value: float | None) -> float | None:
+    """Three decimals: a benchmark's medians vary in the second."""
+    return None if value is None else round(value, 3)
