@@ -96,8 +96,6 @@ VARIANTS = {"plain": Variant("Phase 1: ResNet-BK (plain)"),
             "improved": Variant("ResNet-BK, resolvent on the features (physics off)"),
             "physics_improved": Variant("Physics on the improved ResNet-BK, recommended recipe",
                                         control="improved"),
-            "improved_regularised": Variant("The improved ResNet-BK with tuned weight decay",
-                                            control="improved"),
             "improved_tied": Variant("The improved ResNet-BK, tied head, d_model 88",
                                      control="improved")}
 
