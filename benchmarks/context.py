@@ -7,11 +7,13 @@
 One training step (forward, backward, fused AdamW step) of each whole language model at
 sequence lengths N with B * N = `--tokens` fixed, vocabulary 30,000, the reference
 d_model 64, 4 layers (physlm.model.ResNetBK, physlm.transformer.Transformer; 4,146,120
-and 4,078,256 parameters at N = 128). Three models:
+and 4,078,256 parameters at N = 128). The models:
 
 - resnet_bk: the reference configuration (dropout 0.1);
 - resnet_bk_improved: the layer of params/improved.yaml (4 potentials with learned shifts,
   the resolvent applied to the features, MoE balancing; issue 23), dropout 0.1;
+- resnet_bk_improved_tied: the same at d_model 88 with the head tied to the embedding
+  (params/improved_tied.yaml), dropout 0.1;
 - transformer: dropout 0.1 as it trains with the reference configuration. Attention dropout
   makes torch's scaled_dot_product_attention take its math path on the CPU: B x heads x N x N
   scores, softmax and dropout mask in memory;
@@ -75,6 +77,8 @@ IMPROVED = {"bk_potentials": 4, "bk_shift": "learned", "bk_readout": "features",
             "moe_balance_weight": 0.01}   # params/improved.yaml's layer
 # name -> (class, model settings)
 MODELS = {"resnet_bk": (ResNetBK, {}), "resnet_bk_improved": (ResNetBK, IMPROVED),
+          "resnet_bk_improved_tied": (ResNetBK, {**IMPROVED, "d_model": 88,
+                                                 "tie_embeddings": True}),
           "transformer": (Transformer, {}), "transformer_p0": (Transformer, {"dropout": 0.0})}
 LENGTHS = (128, 512, 2048, 8192, 16_384)
 QUICK_LENGTHS = (128, 1024)

@@ -13,7 +13,14 @@ there; the LSTM can).
     python benchmarks/position_loss.py RUN_DIR [RUN_DIR ...] [--n 128] [--checkpoint best]
         [--out benchmarks/results/position-loss.json]
 
-From the repository root (the runs' data paths are relative to it). Writes the per-position
+From the repository root (the runs' data paths are relative to it).
+
+For a ResNet-BK run it also measures the layers' memory: the recurrence of the resolvent on
+the features decays by |t g_i| per site (physlm.bk_features; t = 1 without learned coupling),
+so a signal survives k sites as prod |g| ~ exp(k mean log|g|); the e-fold memory of each
+layer and potential is -1 / mean log|g_i| over the validation sites, in tokens.
+
+Writes the per-position
 losses, their means over bands of context (1, 2-4, 5-16, 17-32, 33-64, 65-128 tokens) and a
 figure beside the JSON (.png).
 """
@@ -50,15 +57,31 @@ def position_loss(run_dir: str, n: int | None, checkpoint: str, batch: int = 64)
     n = n if n and model.architecture == "lstm" else min(n or model.n_seq, model.n_seq)
     chunks = load_corpus(run.config.data, n, run.vocab).valid
     total = torch.zeros(n, dtype=torch.float64)
+    log_g: dict[int, list[torch.Tensor]] = {}    # layer -> per batch, (P,) mean log|g|
+    for index, block in enumerate(getattr(run.model, "blocks", [])):
+        block.resolvent = _recording(block.resolvent, log_g.setdefault(index, []))
     for start in range(0, len(chunks), batch):
         rows = chunks[start:start + batch]
         total += run.model(rows[:, :-1], rows[:, 1:]).token_losses.double().sum(0)
     loss = (total / len(chunks)).tolist()
+    memory = {f"layer {index}": [round(-1 / value, 2) for value in
+                                 torch.stack(means).mean(0).tolist()]
+              for index, means in log_g.items() if means}
     bands = {f"{lo}-{hi}": sum(loss[lo - 1:hi]) / len(loss[lo - 1:hi])
              for lo, hi in BANDS if lo <= n}
     return {"run_dir": run_dir, "name": run.config.train.name,
             "architecture": run.config.model.architecture, "n": n, "chunks": len(chunks),
-            "checkpoint": checkpoint, "loss_by_position": loss, "mean_loss_by_context": bands}
+            "checkpoint": checkpoint, "loss_by_position": loss, "mean_loss_by_context": bands,
+            "efold_memory_tokens": memory}
+
+
+def _recording(resolvent, means: list[torch.Tensor]):
+    """The layer's resolvent, recording the mean log|g| of each potential (B, P, N -> P)."""
+    def recorded(*args, **kwargs):
+        g = resolvent(*args, **kwargs)
+        means.append(g.abs().log().mean(dim=(0, 2)).double())
+        return g
+    return recorded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         loss = result["loss_by_position"]
         axes.plot(range(1, len(loss) + 1), loss, label=f"{result['name']} (N {result['n']})")
         print(result["name"], {band: round(value, 3)
-                               for band, value in result["mean_loss_by_context"].items()})
+                               for band, value in result["mean_loss_by_context"].items()},
+              "e-fold memory (tokens):", result["efold_memory_tokens"])
     axes.set(xscale="log", xlabel="tokens of context (position + 1)",
              ylabel="validation loss (nats)", title="Loss by position in a chunk, from zero state")
     axes.legend(fontsize=7)

@@ -85,6 +85,8 @@ class Config:
             (m.architecture == "resnet_bk" or not m.tie_embeddings,
              f"tie_embeddings: true needs architecture: resnet_bk (the LSTM's head is always "
              f"tied; got {m.architecture})"),
+            (abs(m.bk_potential_init) <= m.potential_clamp,
+             "bk_potential_init must be within +- potential_clamp (the potentials' range)"),
             (m.moe_balance_weight >= 0, "moe_balance_weight must be >= 0"),
             (m.architecture == "resnet_bk" or m.moe_balance_weight == 0,
              f"moe_balance_weight > 0 needs architecture: resnet_bk, whose layers have experts "

@@ -51,6 +51,8 @@ class BKLayer(nn.Module):
         self.moe = SparseMoE(d, config.num_experts, config.dropout,
                              scale_by_router=config.router == "scaled")
         self.potential = nn.Linear(d, potentials)
+        if config.bk_potential_init:   # a constant: no random draw, the others' stay the same
+            nn.init.constant_(self.potential.bias, config.bk_potential_init)
         resolved = config.bk_readout == "features"
         self.features = nn.Linear(2 * d if resolved else 2 * potentials, d)
         self.scale = nn.Parameter(torch.ones(()))

@@ -60,6 +60,10 @@ class ModelConfig:
     # Learned shifts start geometric from gamma = 1 down to this (physlm.bk_features): the
     # longest initial memory. Above the floor of a learned gamma, 0.01.
     bk_gamma_init_min: float = 0.1
+    # Initial bias of the potentials v: 0 starts every site at the band edge of H (the
+    # recurrence decays by |g| = 0.80 per site at gamma 0.1), 2 at its centre (0.95; 0.99 at
+    # gamma 0.02): the initial memory, as a linear recurrent unit's eigenvalues near 1.
+    bk_potential_init: float = 0.0
     moe_balance_weight: float = 0.0  # alpha of the Switch balancing term (ModelOutput)
     energy_heads: bool = True
     # The LM head's weight is the token embedding (Press & Wolf 2017, as the LSTM baseline's):

@@ -347,3 +347,22 @@ def test_reference_config_is_unchanged() -> None:
     assert (defaults.bk_potentials, defaults.bk_shift, defaults.bk_coupling,
             defaults.bk_readout, defaults.moe_balance_weight) == (1, "fixed", "fixed",
                                                                   "diagonal", 0.0)
+
+
+def test_potential_init_at_the_band_centre_lengthens_the_initial_memory() -> None:
+    """bk_potential_init 2 puts the sites at the band centre of H: at v = 2 the causal g
+    tends (oscillating) to the decaying root of g^2 + i gamma g + 1 = 0, |g| = (sqrt(gamma^2
+    + 4) - gamma) / 2 = 0.95 at gamma 0.1, against 0.80 at the band edge, v = 0."""
+    gamma = 0.1
+    layer = BKLayer(ModelConfig(d_model=8, n_seq=64, bk_potentials=2, bk_shift="learned",
+                                bk_readout="features", bk_gamma_init_min=gamma,
+                                bk_potential_init=2.0))
+    assert layer.potential.bias.tolist() == [2.0, 2.0]
+    decay = {}
+    for v in (0.0, 2.0):
+        g = resolvent_diagonal(torch.full((1, 2, 64), v - 2.0), layer.shift(), causal=True)
+        decay[v] = g[0, 1, -16:].abs().mean().item()         # the potential at gamma = 0.1
+    assert decay[2.0] == pytest.approx((math.sqrt(gamma**2 + 4) - gamma) / 2, abs=0.005)
+    assert decay[0.0] == pytest.approx(0.80, abs=0.005)
+    with pytest.raises(ConfigError, match="bk_potential_init must be within"):
+        from_flat({"bk_potential_init": 4.0})
