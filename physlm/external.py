@@ -2,6 +2,8 @@
 
 - `external`: a reference trained by other code on the same tokens (benchmarks/external_wlm.py:
   the public word_language_model script), against a variant's early-stopped val PPL;
+- `position_loss`: benchmarks/position_loss.py, the validation loss by tokens of context and
+  each BK layer's e-fold memory, for trained runs: how much context each model uses;
 - `context`: the context benchmark (benchmarks/context.py), one training step of each whole
   model at N from 128 to 16,384 with B * N fixed, so that O(N) reads as a flat per-token
   time: ratio = (ms per token at the longest N) / (ms per token at the shortest).
@@ -63,6 +65,22 @@ def context_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
                 if model in row["models"]}} for row in results["rows"]]
     ratios = results["time_per_token_longest_over_shortest"]
     rows.append({"N": "longest / shortest", "Batch": "", **{m: ratios.get(m) for m in models}})
+    return pd.DataFrame(rows), results
+
+
+def position_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """Per run of a benchmarks/position_loss.py results file: its mean validation loss over
+    each band of context lengths, and the longest and median e-fold memory of its BK layers'
+    potentials (tokens; n/a for a model without them); and the results, for their settings."""
+    results = read_results(path)
+    rows = []
+    for run in results:
+        memories = [m for layer in run["efold_memory_tokens"].values() for m in layer]
+        rows.append({"Run": run["name"], "N": run["n"],
+                     **{f"Loss, {band} tokens": _round(loss)
+                        for band, loss in run["mean_loss_by_context"].items()},
+                     "Memory, longest": max(memories) if memories else None,
+                     "Memory, median": float(pd.Series(memories).median()) if memories else None})
     return pd.DataFrame(rows), results
 
 

@@ -142,6 +142,11 @@ class StudyOptions:
     external: dict[str, str] = field(default_factory=dict)
     # Results files of the context benchmark (benchmarks/context.py), shown in the report.
     context: list[str] = field(default_factory=list)
+    # Results files of benchmarks/position_loss.py (how much context each model uses).
+    position_loss: list[str] = field(default_factory=list)
+    # A variant every other is measured against (its early-stopped val PPL; "reached" within
+    # criteria.ppl_tolerance): issue 23's tuned LSTM.
+    target: str | None = None
     workers: int = 2                                    # runs at once per machine (no GPU)
     address: str | None = None                          # a Ray cluster to join (physlm.executor)
 
@@ -158,8 +163,11 @@ class StudyOptions:
             *((variant in self.variants and Path(path).is_file(), f"external: {variant} -> "
                f"{path} needs the variant among variants and the results file")
               for variant, path in self.external.items()),
-            *((Path(path).is_file(), f"context: {path} is not a file (a results file of "
-               "benchmarks/context.py)") for path in self.context),
+            *((Path(path).is_file(), f"{key}: {path} is not a file (a results file of "
+               f"benchmarks/{key}.py)") for key in ("context", "position_loss")
+              for path in getattr(self, key)),
+            (self.target is None or self.target in self.variants,
+             f"target: {self.target} must be among variants"),
             (all(re.fullmatch(r"[A-Za-z0-9_-]+", fix) for fix in self.ablation),
              "ablation fixes are named by letters, digits, '_' or '-' (a folder name)"))
             if not ok]

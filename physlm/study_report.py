@@ -24,7 +24,7 @@ from physlm.criteria import (
     steady_state,
     summarize,
 )
-from physlm.external import context_table, external_sentences
+from physlm.external import context_table, external_sentences, position_table
 from physlm.history import PPL_COLUMNS
 from physlm.optim import OPTIMIZER_NAMES
 from physlm.provenance import git_commit
@@ -51,7 +51,8 @@ KINDS = {**PPL_COLUMNS, "Val PPL (final, mean)": "ppl", "Val PPL (final, sd)": "
          "Early-stopped val PPL (mean)": "ppl", "Final val PPL (mean)": "ppl",
          "Early-stopped, non-<unk> (mean)": "ppl", "Physics from epoch": "count",
          "Steps within target": "percent", "Energy / LM gradient": "percent",
-         "Held-out PPL at best (mean)": "ppl", "Held-out PPL at best (sd)": "ppl"}
+         "Held-out PPL at best (mean)": "ppl", "Held-out PPL at best (sd)": "ppl",
+         "Early-stopped val PPL (sd)": "ppl", "Relative to target": "change"}
 
 
 def study_references(runs: dict[str, list[RunData]]) -> dict:
@@ -111,6 +112,21 @@ def study_table(frame: pd.DataFrame) -> pd.DataFrame:
         "Final val PPL (sd)": grouped["final"].std().to_numpy(),
         "Best epoch (mean)": grouped["best_epoch"].mean().to_numpy(),
         "Tokens/s (mean)": grouped["tokens_per_s"].mean().to_numpy()})
+
+
+def target_table(frame: pd.DataFrame, target: str, tolerance: float) -> pd.DataFrame:
+    """Each variant's early-stopped val PPL (mean, sd over seeds) over the target variant's
+    mean, and whether it is within `tolerance` above it (or below it): "reached"."""
+    grouped = frame.groupby("variant", sort=False)["best"]
+    mean, reference = grouped.mean(), frame.loc[frame["variant"] == target, "best"].mean()
+    return pd.DataFrame({
+        "Variant": list(mean.index), "Seeds": grouped.size().to_numpy(),
+        "Parameters": frame.groupby("variant", sort=False)["parameters"].first().to_numpy(),
+        "Early-stopped val PPL (mean)": mean.to_numpy(),
+        "Early-stopped val PPL (sd)": grouped.std().to_numpy(),
+        "Relative to target": (mean / reference - 1).to_numpy(),
+        "Reached": ["yes" if ratio <= 1 + tolerance else "no"
+                    for ratio in mean / reference]})
 
 
 def own_controls(variants: list[str]) -> dict[str, str]:
@@ -285,6 +301,7 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
     figure = out / options.name / "val_ppl.png"
     curves_figure(runs).savefig(figure, dpi=plots.DPI)
     configs: dict[str, Config] = {v: seeds[0].config for v, seeds in runs.items() if seeds}
+    tolerance = next(iter(configs.values())).criteria.ppl_tolerance if configs else 0.0
     ablation = load_ablation_runs(options)
     rows, fix_sentences = history.ablation_table(ablation) if ablation else (None, [])
     shape, shape_sentences = history.replica_shape(ablation.get(REPLICA, []),
@@ -301,6 +318,10 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         floor_sentences=[] if point is None else floor_sentences(point, floor),
         external=external_sentences(options, frame, runs),
         context=[(portable(path), *context_table(path)) for path in options.context],
+        positions=[(portable(path), position_table(path)[0]) for path in options.position_loss],
+        target=None if options.target is None else (
+            label(options.target), Table(target_table(frame, options.target, tolerance), KINDS),
+            tolerance),
         selection=" and ".join(sorted(set(frame["selected_on"]))) or "n/a",
         optimizer_names=OPTIMIZER_NAMES,
         comparisons=Table(comparisons(frame), KINDS), phases=Table(phase_table(frame), KINDS),

@@ -264,6 +264,8 @@ def test_each_screened_layer_variant_is_the_control_and_one_change(variant, chan
     ({"ablation": "x"}, "ablation: parameter file not found: x; give a mapping of fix: "),
     ({"external": {"lstm": "nope.json"}}, "external: lstm -> nope.json needs the variant"),
     ({"context": ["nope.json"]}, "context: nope.json is not a file"),
+    ({"position_loss": ["nope.json"]}, "position_loss: nope.json is not a file"),
+    ({"target": "lstm", "variants": ["control"]}, "target: lstm must be among variants"),
 ])
 def test_bad_study_settings_are_one_clear_error(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
@@ -398,6 +400,23 @@ def test_the_report_opens_with_the_operating_point(tmp_path):
         assert "LSTM (tied), early-stopped val PPL" in said
         assert f"is {verdict}: `python main.py --epochs 2`" in said
         assert "2 epochs on 1,000 training tokens, vocabulary 50" in said
+    positions = tmp_path / "position-loss.json"
+    positions.write_text(json.dumps([{"name": "lstm_s0", "n": 16, "efold_memory_tokens": {},
+                                      "mean_loss_by_context": {"1-1": 5.0, "2-4": 4.5}},
+                                     {"name": "control_s0", "n": 16,
+                                      "efold_memory_tokens": {"layer 0": [1.5, 3.0],
+                                                              "layer 1": [2.0, 9.0]},
+                                      "mean_loss_by_context": {"1-1": 5.1, "2-4": 5.2}}]))
+    frame_text = study_report.write_study_report(dataclasses.replace(
+        options, target="lstm", position_loss=[str(positions)]), runs).read_text()
+    target = section(frame_text, "## Against the target")
+    ratio = frame.loc[frame["variant"] == "control", "best"].mean() / lstm_best - 1
+    assert "| control | 1 |" in " ".join(target.split())
+    assert f"{ratio:+.2%}" in target and "at most 5% above it" in " ".join(target.split())
+    table = external.position_table(positions)[0]
+    assert table["Memory, longest"].tolist()[1] == 9.0 and table["Memory, median"][1] == 2.5
+    assert pd.isna(table["Memory, longest"][0]) and "Loss, 2-4 tokens" in table
+    assert "### How much context each model uses" in frame_text
     for run in (r for seeds in runs.values() for r in seeds):  # records made before them
         run.references.clear()
     text = study_report.write_study_report(options, runs).read_text()
