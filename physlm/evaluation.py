@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from physlm import distributed
+from physlm.batches import eval_batches
 from physlm.config import DataConfig
-from physlm.data import UNK_ID, eval_batches
+from physlm.data import UNK_ID
 from physlm.metrics import exp_or_inf
 
 # The splits a record names, by their prefix: "val_loss", "heldout_loss", ...

@@ -28,8 +28,8 @@ from physlm.external import context_table, external_sentences, position_table
 from physlm.history import PPL_COLUMNS
 from physlm.optim import OPTIMIZER_NAMES
 from physlm.provenance import git_commit
-from physlm.report import Samples, continuation, samples_table
 from physlm.runs import RunData
+from physlm.samples import Samples, continuation, samples_table
 from physlm.statistics import numbers, paired
 from physlm.study import (
     CONTROL,

@@ -33,10 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from physlm import distributed, generate, gradients, optim
+from physlm.batches import num_batches, train_batches
 from physlm.build import build_model
 from physlm.checkpoint import load_checkpoint, save_checkpoint
 from physlm.config import Config
-from physlm.data import Corpus, Vocabulary, load_corpus, num_batches, train_batches
+from physlm.data import Corpus, Vocabulary, load_corpus
 from physlm.errors import TrainingError
 from physlm.evaluation import HELDOUT, evaluate
 from physlm.metrics import EpochTotals, epoch_figures, step_record

@@ -12,19 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from physlm.batches import epoch_permutation, eval_batches, num_batches, train_batches
 from physlm.config import DataConfig
 from physlm.data import (
     Corpus,
     DataError,
     Vocabulary,
     chunk_ids,
-    epoch_permutation,
-    eval_batches,
     load_corpus,
-    num_batches,
     split_heldout,
     tokenize,
-    train_batches,
 )
 from physlm.fixture import cache_root, fixture_dir, write_fixture_corpus
 

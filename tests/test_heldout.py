@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from physlm.batches import eval_batches
 from physlm.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from physlm.config import from_flat
-from physlm.data import UNK_ID, eval_batches
+from physlm.data import UNK_ID
 from physlm.errors import CheckpointError
 from physlm.evaluation import evaluate
 from physlm.generate import load_run_model

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from physlm.batches import eval_batches
 from physlm.config import DataConfig
-from physlm.data import corpus_lines_from_dataset, eval_batches, load_corpus
+from physlm.data import corpus_lines_from_dataset, load_corpus
 
 SHARED_WT2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
 

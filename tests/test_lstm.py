@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from physlm.batches import train_batches
 from physlm.config import ModelConfig, load_config
-from physlm.data import chunk_ids, train_batches
+from physlm.data import chunk_ids
 from physlm.lstm import LSTMLanguageModel
 from physlm.model import count_parameters
 

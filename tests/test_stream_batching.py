@@ -1,17 +1,12 @@
-"""Stream batching (physlm.data, batching="stream") and the shuffled mode left unchanged."""
+"""Stream batching (physlm.batches, batching="stream") and the shuffled mode left unchanged."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from physlm.data import (
-    chunk_ids,
-    eval_batches,
-    num_batches,
-    stream_rows,
-    train_batches,
-)
+from physlm.batches import eval_batches, num_batches, stream_rows, train_batches
+from physlm.data import chunk_ids
 
 WIDTH = 5  # ids per chunk: n_seq = 4, so chunk i holds 5 * i .. 5 * i + 4
 
