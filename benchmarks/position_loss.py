@@ -45,6 +45,8 @@ import torch
 
 from physlm.data import load_corpus
 from physlm.generate import load_run_model
+from physlm.runs import RunDirectory
+from physlm.text import portable
 
 BANDS = ((1, 1), (2, 4), (5, 16), (17, 32), (33, 64), (65, 128))   # tokens of context
 
@@ -59,7 +61,8 @@ def position_loss(run_dir: str, n: int | None, checkpoint: str, batch: int = 64)
     total = torch.zeros(n, dtype=torch.float64)
     log_g: dict[int, list[torch.Tensor]] = {}    # layer -> per batch, (P,) mean log|g|
     for index, block in enumerate(getattr(run.model, "blocks", [])):
-        block.resolvent = _recording(block.resolvent, log_g.setdefault(index, []))
+        if hasattr(block, "resolvent"):   # a BK layer
+            block.resolvent = _recording(block.resolvent, log_g.setdefault(index, []))
     for start in range(0, len(chunks), batch):
         rows = chunks[start:start + batch]
         total += run.model(rows[:, :-1], rows[:, 1:]).token_losses.double().sum(0)
@@ -69,7 +72,10 @@ def position_loss(run_dir: str, n: int | None, checkpoint: str, batch: int = 64)
               for index, means in log_g.items() if means}
     bands = {f"{lo}-{hi}": sum(loss[lo - 1:hi]) / len(loss[lo - 1:hi])
              for lo, hi in BANDS if lo <= n}
-    return {"run_dir": run_dir, "name": run.config.train.name,
+    env = RunDirectory(run_dir).read_env()
+    return {"run_dir": portable(run_dir), "name": run.config.train.name,
+            "git_commit": env.get("git_commit"),
+            "parameters": env.get("parameters", {}).get("total"),
             "architecture": run.config.model.architecture, "n": n, "chunks": len(chunks),
             "checkpoint": checkpoint, "loss_by_position": loss, "mean_loss_by_context": bands,
             "efold_memory_tokens": memory}

@@ -37,3 +37,10 @@ def test_position_losses_average_to_the_validation_loss(tmp_path):
     assert sum(losses) / len(losses) == pytest.approx(whole, rel=1e-6)
     shorter = module.position_loss(str(run_dir), 4, "last")   # --n below n_seq is taken
     assert shorter["n"] == 4 and module.position_loss(str(run_dir), 99, "last")["n"] == 16
+    memory = result["efold_memory_tokens"]        # one potential per layer: 1 / -mean log|g|
+    assert list(memory) == ["layer 0", "layer 1"] and all(
+        len(m) == 1 and m[0] > 0 for m in memory.values())
+    transformer = tmp_path / "transformer"
+    train(from_flat({**TINY, "epochs": 1, "architecture": "transformer", "energy_heads": False,
+                     "energy_penalty": False}), transformer)
+    assert module.position_loss(str(transformer), None, "last")["efold_memory_tokens"] == {}
