@@ -97,7 +97,9 @@ VARIANTS = {"plain": Variant("Phase 1: ResNet-BK (plain)"),
             "physics_improved": Variant("Physics on the improved ResNet-BK, recommended recipe",
                                         control="improved"),
             "improved_tied": Variant("The improved ResNet-BK, tied head, d_model 88",
-                                     control="improved")}
+                                     control="improved"),
+            "physics_improved_tied": Variant("Physics on the tied improved ResNet-BK, "
+                                             "recommended recipe", control="improved_tied")}
 
 
 def label(variant: str) -> str:

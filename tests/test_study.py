@@ -197,6 +197,10 @@ def test_the_improved_variants_are_their_recipes():
     tied = {k: v for k, v in read_params_file(study.PARAMS / "improved_tied.yaml").items()
             if k != "name"}
     assert tied == {**read["improved"], "d_model": 88, "tie_embeddings": True}
+    physics_tied = {k: v for k, v in read_params_file(
+        study.PARAMS / "physics_improved_tied.yaml").items() if k != "name"}
+    assert physics_tied == {**{k: v for k, v in tied.items() if k != "energy_penalty"},
+                            **read["physics_recommended"]}
     layer = {k: v for k, v in read["improved"].items() if k != "energy_penalty"}
     assert read["physics_improved"] == {**layer, **read["physics_recommended"]}
     options = study.load_study("params/study.yaml")
