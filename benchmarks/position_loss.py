@@ -105,13 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     figure, axes = plt.subplots(figsize=(7, 4))
-    for result in results:
-        loss = result["loss_by_position"]
-        axes.plot(range(1, len(loss) + 1), loss, label=f"{result['name']} (N {result['n']})")
+    for result in results:   # per-position means are noisy (each position its own tokens):
+        loss = result["loss_by_position"]              # means over octaves of context
+        octaves = [(lo, len(loss) if 2 * lo > len(loss) else 2 * lo - 1)
+                   for lo in (1, 2, 4, 8, 16, 32, 64) if lo <= len(loss)]
+        axes.plot([(lo * hi) ** 0.5 for lo, hi in octaves],
+                  [sum(loss[lo - 1:hi]) / (hi - lo + 1) for lo, hi in octaves], marker="o",
+                  label=f"{result['name']} (N {result['n']})")
         print(result["name"], {band: round(value, 3)
                                for band, value in result["mean_loss_by_context"].items()},
               "e-fold memory (tokens):", result["efold_memory_tokens"])
-    axes.set(xscale="log", xlabel="tokens of context (position + 1)",
+    axes.set(xscale="log", xlabel="tokens of context (position + 1; octaves 1, 2-3, 4-7, ...)",
              ylabel="validation loss (nats)", title="Loss by position in a chunk, from zero state")
     axes.legend(fontsize=7)
     figure.tight_layout()
