@@ -15,11 +15,12 @@ LAYERS = (
                   "bk_features", "losses", "moe", "koopman", "metrics", "gradients", "fixture",
                   "optim")),
     ("models", ("model", "transformer", "lstm", "physics", "build", "objectives")),
-    ("runs", ("data", "ngram", "checkpoint", "lock", "provenance", "rundata", "runs", "evaluation",
-              "trainer", "generate")),
-    ("analysis", ("criteria", "plots", "statistics", "report_tables", "report", "history",
-                  "progress")),
-    ("workflows", ("executor", "study", "study_report", "pipeline", "search", "search_report")),
+    ("runs", ("data", "batches", "ngram", "checkpoint", "lock", "provenance", "rundata", "runs",
+              "evaluation", "trainer", "generate")),
+    ("analysis", ("criteria", "plots", "statistics", "report_tables", "samples", "report",
+                  "history", "progress")),
+    ("workflows", ("executor", "study", "external", "study_report", "pipeline", "search",
+                   "search_report")),
     ("entry points", ("__main__", "colab")),
 )
 
