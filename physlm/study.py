@@ -146,6 +146,9 @@ class StudyOptions:
     context: list[str] = field(default_factory=list)
     # Results files of benchmarks/position_loss.py (how much context each model uses).
     position_loss: list[str] = field(default_factory=list)
+    # Variants screened at the first seed only: not promising there, so not trained at the
+    # others (issue 23's procedure); their spread is n/a and no paired difference is made.
+    screened: list[str] = field(default_factory=list)
     # A variant every other is measured against (its early-stopped val PPL; "reached" within
     # criteria.ppl_tolerance): issue 23's tuned LSTM.
     target: str | None = None
@@ -170,6 +173,8 @@ class StudyOptions:
               for path in getattr(self, key)),
             (self.target is None or self.target in self.variants,
              f"target: {self.target} must be among variants"),
+            (set(self.screened) <= set(self.variants) - {CONTROL},
+             "screened: name variants of the study other than the control"),
             (all(re.fullmatch(r"[A-Za-z0-9_-]+", fix) for fix in self.ablation),
              "ablation fixes are named by letters, digits, '_' or '-' (a folder name)"))
             if not ok]
@@ -184,6 +189,10 @@ class StudyOptions:
         if problems:
             raise ConfigError("invalid study:\n  " + "\n  ".join(problems))
         return self
+
+    def seeds_of(self, variant: str) -> list[int]:
+        """The seeds `variant` trains at: the first alone when it is screened."""
+        return self.seeds[:1] if variant in self.screened else self.seeds
 
 
 def study_options(values: dict[str, Any]) -> StudyOptions:
@@ -276,7 +285,7 @@ def plan(options: StudyOptions) -> list[TrainJob]:
                              if shares_warmup else None))
 
     for variant in (v for v in options.variants if v != CONTROL):
-        for seed in options.seeds:
+        for seed in options.seeds_of(variant):
             add(run_config(options, variant, seed), run_path(options, variant, seed), seed,
                 control_of(variant))
     for index, row in enumerate(ablation_rows(options)):
@@ -320,7 +329,7 @@ def _existing(paths: list[Path]) -> list[RunData]:
 
 def load_study_runs(options: StudyOptions) -> dict[str, list[RunData]]:
     """The study's runs that exist, by variant (a run not started yet is left out)."""
-    return {v: _existing([run_path(options, v, seed) for seed in options.seeds])
+    return {v: _existing([run_path(options, v, seed) for seed in options.seeds_of(v)])
             for v in options.variants}
 
 

@@ -277,7 +277,7 @@ def curves_figure(runs: dict[str, list[RunData]]) -> plots.Figure:
 def missing_runs(options: StudyOptions, frame: pd.DataFrame) -> list[str]:
     """The study's runs that are not finished (or not started), as "variant seed s"."""
     finished = {(r.variant, r.seed) for r in frame.itertuples() if r.finished}
-    return [f"{v} seed {s}" for v in options.variants for s in options.seeds
+    return [f"{v} seed {s}" for v in options.variants for s in options.seeds_of(v)
             if (v, s) not in finished]
 
 

@@ -531,3 +531,19 @@ def test_the_context_benchmark_table_reads_its_results_file(tmp_path):
     assert frame["N"].tolist() == ["128", "16,384", "longest / shortest"]
     assert frame["a"].tolist() == [0.3, 0.33, 1.1]
     assert frame["b"].iloc[0] == 0.5 and frame["b"].iloc[1:].isna().all()
+
+
+def test_a_screened_variant_trains_at_the_first_seed_only(tmp_path):
+    """screened: the variant's one run is planned, loaded and expected; its other seeds are
+    neither trained nor reported missing."""
+    options = tiny_study(tmp_path, variants=["control", "plain"], screened=["plain"])
+    runs = [Path(job.run_dir) for job in study.plan(options)]
+    assert [r.relative_to(study.study_dir(options)).as_posix() for r in runs
+            if r.parent.name == "plain"] == ["plain/s0"]
+    assert sum(r.parent.name == "control" for r in runs) == 3
+    frame = pd.DataFrame({"variant": ["control"] * 3 + ["plain"], "seed": [0, 1, 2, 0],
+                          "finished": True})
+    assert study_report.missing_runs(options, frame) == []
+    assert study_report.missing_runs(options, frame.iloc[:3]) == ["plain seed 0"]
+    with pytest.raises(ConfigError, match="screened: name variants of the study"):
+        tiny_study(tmp_path, screened=["control"])
