@@ -81,7 +81,9 @@ def position_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
                         for band, loss in run["mean_loss_by_context"].items()},
                      "Memory, longest": max(memories) if memories else None,
                      "Memory, median": float(pd.Series(memories).median()) if memories else None})
-    return pd.DataFrame(rows), results
+    losses = list(dict.fromkeys(key for row in rows for key in row if key.startswith("Loss")))
+    columns = ["Run", "N", *losses, "Memory, longest", "Memory, median"]  # shortest N first
+    return pd.DataFrame(rows, columns=columns), results
 
 
 def _round(value: float | None) -> float | None:

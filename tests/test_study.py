@@ -420,6 +420,7 @@ def test_the_report_opens_with_the_operating_point(tmp_path):
     table = external.position_table(positions)[0]
     assert table["Memory, longest"].tolist()[1] == 9.0 and table["Memory, median"][1] == 2.5
     assert pd.isna(table["Memory, longest"][0]) and "Loss, 2-4 tokens" in table
+    assert list(table.columns)[-2:] == ["Memory, longest", "Memory, median"]
     assert "### How much context each model uses" in frame_text
     for run in (r for seeds in runs.values() for r in seeds):  # records made before them
         run.references.clear()
