@@ -21,6 +21,10 @@ from physlm.runs import RunData
 from physlm.study import StudyOptions, label
 from physlm.text import fmt, portable
 
+# A model "uses" the shortest band of context whose loss is within this many nats of its
+# lowest: longer context gains it less.
+USED_WITHIN = 0.01
+
 
 def read_results(path: str | Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -71,18 +75,25 @@ def context_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
 def position_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
     """Per run of a benchmarks/position_loss.py results file: its mean validation loss over
     each band of context lengths, and the longest and median e-fold memory of its BK layers'
-    potentials (tokens; n/a for a model without them); and the results, for their settings."""
+    potentials (tokens; n/a for a model without them); the context it uses (the shortest
+    band within USED_WITHIN nats of its lowest loss) and the loss that context gains it over
+    one token; and the results, for their settings."""
     results = read_results(path)
     rows = []
     for run in results:
         memories = [m for layer in run["efold_memory_tokens"].values() for m in layer]
+        bands = run["mean_loss_by_context"]
+        lowest = min(bands.values())
         rows.append({"Run": run["name"], "N": run["n"],
-                     **{f"Loss, {band} tokens": _round(loss)
-                        for band, loss in run["mean_loss_by_context"].items()},
+                     **{f"Loss, {band} tokens": _round(loss) for band, loss in bands.items()},
+                     "Context used, tokens": next(band for band, loss in bands.items()
+                                                  if loss <= lowest + USED_WITHIN),
+                     "Gain from context": _round(bands[next(iter(bands))] - lowest),
                      "Memory, longest": max(memories) if memories else None,
                      "Memory, median": float(pd.Series(memories).median()) if memories else None})
     losses = list(dict.fromkeys(key for row in rows for key in row if key.startswith("Loss")))
-    columns = ["Run", "N", *losses, "Memory, longest", "Memory, median"]  # shortest N first
+    columns = ["Run", "N", *losses, "Context used, tokens", "Gain from context",
+               "Memory, longest", "Memory, median"]
     return pd.DataFrame(rows, columns=columns), results
 
 

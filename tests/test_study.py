@@ -421,6 +421,8 @@ def test_the_report_opens_with_the_operating_point(tmp_path):
     assert table["Memory, longest"].tolist()[1] == 9.0 and table["Memory, median"][1] == 2.5
     assert pd.isna(table["Memory, longest"][0]) and "Loss, 2-4 tokens" in table
     assert list(table.columns)[-2:] == ["Memory, longest", "Memory, median"]
+    assert table["Context used, tokens"].tolist() == ["2-4", "1-1"]   # 5.2 never beats 5.1
+    assert table["Gain from context"].tolist() == [0.5, 0.0]
     assert "### How much context each model uses" in frame_text
     for run in (r for seeds in runs.values() for r in seeds):  # records made before them
         run.references.clear()
