@@ -17,10 +17,12 @@ from physlm.config import Config, ModelConfig
 from physlm.criteria import (
     INACTIVE,
     INACTIVE_SHARE,
+    NOT_MET,
     CountFloor,
     count_floor,
     count_rows,
     floor_sentence,
+    ppl_status,
     steady_state,
     summarize,
 )
@@ -114,19 +116,18 @@ def study_table(frame: pd.DataFrame) -> pd.DataFrame:
         "Tokens/s (mean)": grouped["tokens_per_s"].mean().to_numpy()})
 
 
-def target_table(frame: pd.DataFrame, target: str, tolerance: float) -> pd.DataFrame:
-    """Each variant's early-stopped val PPL (mean, sd over seeds) over the target variant's
-    mean, and whether it is within `tolerance` above it (or below it): "reached"."""
-    grouped = frame.groupby("variant", sort=False)["best"]
-    mean, reference = grouped.mean(), frame.loc[frame["variant"] == target, "best"].mean()
-    return pd.DataFrame({
-        "Variant": list(mean.index), "Seeds": grouped.size().to_numpy(),
-        "Parameters": frame.groupby("variant", sort=False)["parameters"].first().to_numpy(),
-        "Early-stopped val PPL (mean)": mean.to_numpy(),
-        "Early-stopped val PPL (sd)": grouped.std().to_numpy(),
-        "Relative to target": (mean / reference - 1).to_numpy(),
-        "Reached": ["yes" if ratio <= 1 + tolerance else "no"
-                    for ratio in mean / reference]})
+def target_table(summary: pd.DataFrame, target: str, tolerance: float) -> pd.DataFrame:
+    """From the study's summary (study_table): each variant's early-stopped val PPL (mean,
+    sd over seeds) over the target variant's mean, and whether it is at most `tolerance`
+    above it (physlm.criteria.ppl_status, as for an external reference): "reached"."""
+    best = summary["Best val PPL (mean)"]
+    ratio = best / best[summary["Variant"] == target].iloc[0]
+    return summary[["Variant", "Seeds", "Parameters"]].assign(**{
+        "Early-stopped val PPL (mean)": best,
+        "Early-stopped val PPL (sd)": summary["Best val PPL (sd)"],
+        "Relative to target": ratio - 1,
+        "Reached": ["no" if ppl_status(r, tolerance, control_overfits=False) == NOT_MET
+                    else "yes" for r in ratio]})
 
 
 def own_controls(variants: list[str]) -> dict[str, str]:
@@ -295,19 +296,22 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
     out = Path(options.report_dir)
     (out / options.name).mkdir(parents=True, exist_ok=True)
     frame = numbers(runs)
+    summary = study_table(frame)
+    measured = options.target in set(frame["variant"])   # the target has a finished run
+    # The target's band, as an external reference's (physlm.external): its runs' tolerance.
+    tolerance = runs[options.target][0].config.criteria.ppl_tolerance if measured else 0.0
     references = study_references(runs)
     floor = count_floor(references)
     point = operating_point(frame, floor) if floor else None
     figure = out / options.name / "val_ppl.png"
     curves_figure(runs).savefig(figure, dpi=plots.DPI)
     configs: dict[str, Config] = {v: seeds[0].config for v, seeds in runs.items() if seeds}
-    tolerance = next(iter(configs.values())).criteria.ppl_tolerance if configs else 0.0
     ablation = load_ablation_runs(options)
     rows, fix_sentences = history.ablation_table(ablation) if ablation else (None, [])
     shape, shape_sentences = history.replica_shape(ablation.get(REPLICA, []),
                                                    runs.get(CONTROL, []))
     text = environment().get_template("study.md.j2").render(
-        o=options, configs=configs, frame=frame, summary=Table(study_table(frame), KINDS),
+        o=options, configs=configs, frame=frame, summary=Table(summary, KINDS),
         floor=floor, same_targets=floor is not None and all(
             int(r.epochs["val_tokens"].iloc[-1]) == floor.targets
             for seeds in runs.values() for r in seeds if len(r.epochs)),
@@ -319,8 +323,8 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         external=external_sentences(options, frame, runs),
         context=[(portable(path), *context_table(path)) for path in options.context],
         positions=[(portable(path), position_table(path)[0]) for path in options.position_loss],
-        target=None if options.target is None else (
-            label(options.target), Table(target_table(frame, options.target, tolerance), KINDS),
+        target=None if not measured else (
+            label(options.target), Table(target_table(summary, options.target, tolerance), KINDS),
             tolerance),
         selection=" and ".join(sorted(set(frame["selected_on"]))) or "n/a",
         optimizer_names=OPTIMIZER_NAMES,
