@@ -26,7 +26,7 @@ from physlm.criteria import (
     steady_state,
     summarize,
 )
-from physlm.external import context_table, external_sentences, position_table
+from physlm.external import USED_WITHIN, context_table, external_sentences, position_table
 from physlm.history import PPL_COLUMNS
 from physlm.optim import OPTIMIZER_NAMES
 from physlm.provenance import git_commit
@@ -323,6 +323,7 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         external=external_sentences(options, frame, runs),
         context=[(portable(path), *context_table(path)) for path in options.context],
         positions=[(portable(path), position_table(path)[0]) for path in options.position_loss],
+        used_within=USED_WITHIN,
         target=None if not measured else (
             label(options.target), Table(target_table(summary, options.target, tolerance), KINDS),
             tolerance),
