@@ -68,7 +68,8 @@ def context_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
              **{model: _round(row["models"][model].get("ms_per_token")) for model in models
                 if model in row["models"]}} for row in results["rows"]]
     ratios = results["time_per_token_longest_over_shortest"]
-    rows.append({"N": "longest / shortest", "Batch": "", **{m: ratios.get(m) for m in models}})
+    rows.append({"N": "longest / shortest", "Batch": "",
+                 **{m: _round(ratios.get(m)) for m in models}})
     return pd.DataFrame(rows), results
 
 
