@@ -19,8 +19,8 @@ LAYERS = (
               "evaluation", "trainer", "generate")),
     ("analysis", ("criteria", "plots", "statistics", "report_tables", "samples", "report",
                   "history", "progress")),
-    ("workflows", ("executor", "study", "external", "study_report", "pipeline", "search",
-                   "search_report")),
+    ("workflows", ("executor", "variants", "study", "external", "study_report", "pipeline",
+                   "search", "search_report")),
     ("entry points", ("__main__", "colab")),
 )
 

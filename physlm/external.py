@@ -18,8 +18,9 @@ import pandas as pd
 
 from physlm.criteria import BETTER, MET, NOT_MET, ppl_status
 from physlm.runs import RunData
-from physlm.study import StudyOptions, label
+from physlm.study import StudyOptions
 from physlm.text import fmt, portable
+from physlm.variants import label
 
 # A model "uses" the shortest band of context whose loss is within this many nats of its
 # lowest: longer context gains it less.

@@ -24,8 +24,8 @@ no checkpoints) is kept there, and a run missing here is restored from it: a stu
 finished over several machines whose runs/ is not kept, and reported on a fresh clone.
 
 Statistics and the report (physlm.study_report) compare every variant with its control,
-seed by seed: the study's control, or the variant its registry entry names (`Variant.control`:
-physics on the improved layer against the improved layer without it).
+seed by seed: the study's control, or the variant its entry in physlm.variants names
+(physics on the improved layer against the improved layer without it).
 """
 
 from __future__ import annotations
@@ -50,75 +50,9 @@ from physlm.executor import TrainJob, run_jobs
 from physlm.runs import RunData, RunDirectory, load_run
 from physlm.sections import RESUMABLE, WARMUP_INVARIANT
 from physlm.values import parse_options
+from physlm.variants import CONTROL, REPLICA, VARIANTS, control_of
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
-# Two variants have a role: CONTROL is the baseline every variant is compared with unless
-# its entry names another (the ResNet-BK model, its energy penalty off), REPLICA the
-# original's flaws, where the ablation starts.
-CONTROL = "control"
-REPLICA = "replica"
-# Physics is said to "act as regularization": a physics recipe on the reference layer is also
-# compared with the control whose dropout and weight decay were tuned (when the study has it).
-REGULARISED = "control_regularised"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A study variant, params/<name>.yaml: the label the report gives it, the variant it is
-    paired against, seed by seed (the run it may fork its warmup from, too), and the
-    variants it is also compared with when the study has them."""
-
-    label: str
-    control: str = CONTROL
-    also: tuple[str, ...] = ()
-
-
-# The study's variants, in the report's order.
-_ALSO = (REGULARISED,)
-VARIANTS = {"plain": Variant("Phase 1: ResNet-BK (plain)"),
-            "koopman": Variant("Phase 2: Koopman ResNet-BK"),
-            "physics_reference": Variant("Phase 3: physics, reference recipe", also=_ALSO),
-            "physics_recommended": Variant("Phase 3: physics, recommended recipe", also=_ALSO),
-            "physics_depth": Variant("Phase 3: physics, depth energy", also=_ALSO),
-            "physics_warmup6": Variant("Phase 3: recommended recipe, physics from epoch 6",
-                                       also=_ALSO),
-            "physics_target_half": Variant("Phase 3: recommended recipe, drift target halved",
-                                           also=_ALSO),
-            "physics_rate": Variant("Phase 3: drift target halved, multiplier rate x100",
-                                    also=_ALSO),
-            CONTROL: Variant("Control (physics off)"),
-            REGULARISED: Variant("Control with tuned dropout and weight decay"),
-            "lstm": Variant("Baseline: LSTM (tied)"),
-            "transformer": Variant("Baseline: Transformer (GPT)"),
-            "layer_shifts": Variant("ResNet-BK, 4 potentials with learned shifts"),
-            "layer_coupling": Variant("ResNet-BK, coupling from the tokens"),
-            "layer_balance": Variant("ResNet-BK, MoE load balancing"),
-            "improved": Variant("ResNet-BK, resolvent on the features (physics off)"),
-            "physics_improved": Variant("Physics on the improved ResNet-BK, recommended recipe",
-                                        control="improved"),
-            "improved_tied": Variant("The improved ResNet-BK, tied head, d_model 88",
-                                     control="improved"),
-            "physics_improved_tied": Variant("Physics on the tied improved ResNet-BK, "
-                                             "recommended recipe", control="improved_tied")}
-
-
-def label(variant: str) -> str:
-    """The report's name of a variant (its own name when it is not registered)."""
-    return VARIANTS[variant].label if variant in VARIANTS else variant
-
-
-def against_of(variant: str, variants: list[str]) -> list[str]:
-    """Every variant `variant` is compared with in a study of `variants`: its control, then
-    those of its `also` that the study has."""
-    also = VARIANTS[variant].also if variant in VARIANTS else ()
-    return [control_of(variant), *(v for v in also if v in variants)]
-
-
-def control_of(variant: str) -> str:
-    """The variant `variant` is paired against (the study's control when not registered)."""
-    return VARIANTS[variant].control if variant in VARIANTS else CONTROL
-
-
 @dataclass
 class StudyOptions:
     """The study's own settings; every variant's other settings come from params files. The

@@ -33,18 +33,9 @@ from physlm.provenance import git_commit
 from physlm.runs import RunData
 from physlm.samples import Samples, continuation, samples_table
 from physlm.statistics import numbers, paired
-from physlm.study import (
-    CONTROL,
-    REPLICA,
-    StudyOptions,
-    ablation_rows,
-    against_of,
-    control_of,
-    label,
-    load_ablation_runs,
-    study_dir,
-)
+from physlm.study import StudyOptions, ablation_rows, load_ablation_runs, study_dir
 from physlm.text import Table, environment, fmt, literal, portable
+from physlm.variants import CONTROL, REPLICA, against_of, control_of, label
 
 # The kinds of the numbers of the study's tables (physlm.text), beyond the perplexities'.
 KINDS = {**PPL_COLUMNS, "Val PPL (final, mean)": "ppl", "Val PPL (final, sd)": "ppl",

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from physlm import search, study
+from physlm import search, study, variants
 from physlm.__main__ import main
 from physlm.config import from_flat
 from physlm.errors import RunBusyError
@@ -144,7 +144,7 @@ def test_a_worker_killed_mid_run_is_retried_and_resumes_to_the_same_run(tmp_path
     """SIGKILL the worker process that holds a run (its pid from the run's lock holder file)
     after its first checkpoint: Ray retries the task, the retry resumes from the checkpoint
     (the steps before it keep their timings) and the run equals one never disturbed."""
-    control = study.run_config(trimmed_options(tmp_path), study.CONTROL, 0)
+    control = study.run_config(trimmed_options(tmp_path), variants.CONTROL, 0)
     config = from_flat({"epochs": 3, "checkpoint_every": 5}, base=control)
     train_here([TrainJob(config, tmp_path / "undisturbed")], threads=1)
     job, run = TrainJob(config, tmp_path / "killed"), RunDirectory(tmp_path / "killed")

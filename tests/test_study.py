@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from physlm import external, statistics, study, study_report, text
+from physlm import external, statistics, study, study_report, text, variants
 from physlm.config import from_flat, read_params_file
 from physlm.executor import run_job
 from physlm.files import read_jsonl
@@ -112,8 +112,8 @@ def test_a_variant_with_its_own_control_is_paired_and_forks_against_it(tmp_path,
     """physics_improved is compared with improved, not with the study's control, in the plan
     (where its warmup would fork from) and in the report; the others with the control."""
     options = tiny_study(tmp_path, variants=["control", "improved", "physics_improved"])
-    assert study.control_of("physics_improved") == "improved"
-    assert study.control_of("improved") == study.control_of("plain") == "control"
+    assert variants.control_of("physics_improved") == "improved"
+    assert variants.control_of("improved") == variants.control_of("plain") == "control"
     # The recommended recipe fits its heads in the warmup: no fork. The reference recipe on
     # the improved layer shares improved's warmup: it forks from improved's run.
     assert all(job.fork is None for job in study.plan(options))
@@ -121,8 +121,8 @@ def test_a_variant_with_its_own_control_is_paired_and_forks_against_it(tmp_path,
     shutil.copytree(study.PARAMS, params)
     (params / "reference_improved.yaml").write_text(yaml.safe_dump(IMPROVED))
     monkeypatch.setattr(study, "PARAMS", params)
-    monkeypatch.setitem(study.VARIANTS, "reference_improved",
-                        study.Variant("the reference recipe on improved", control="improved"))
+    monkeypatch.setitem(variants.VARIANTS, "reference_improved",
+                        variants.Variant("the reference recipe on improved", control="improved"))
     forks = {Path(job.run_dir).parent.name: job.fork for job in study.plan(tiny_study(
         tmp_path, variants=["control", "improved", "reference_improved"], seeds=[0]))}
     assert forks == {"control": None, "improved": None,
