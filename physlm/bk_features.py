@@ -21,6 +21,16 @@ data-dependent complex decay (-t g) of a linear recurrence over the features. x 
 solve, which sees the future (the bidirectional ablation). Each recurrence is one linear scan,
 O(N), with its exact gradient another scan in the opposite direction (`linear_recurrence`).
 
+Selective gates (`bk_gates`): the source and the read-out of the recurrence chosen per feature
+by the token at the site, as a gated linear recurrence (GLA, Mamba) or the LSTM's input and
+output gates do:
+
+    u_i <- sigmoid(W_in f_i) * u_i,      w_i <- sigmoid(W_out f_i) * w_i
+
+what site i writes into the state, and what it reads of the state, depend on its token; the
+decay stays the resolvent's. Real gains in (0, 1) from site i alone: causal, and within the
+bounds below.
+
 Finite by construction: H is real symmetric (a real, t real), so for Im z = gamma > 0 every
 leading block satisfies ||(H_[1..i] - z)^{-1}|| <= 1 / gamma. Hence |g_i| <= 1/gamma,
 |w_i| <= ||u_[1..i]|| / gamma, ||x|| <= ||u|| / gamma, and |y_i| = |w_i / g_i| is bounded as
@@ -150,3 +160,17 @@ class Coupling(nn.Module):
     def forward(self, f: Tensor) -> Tensor:
         """f: (B, N, D) -> t: (B, P, N-1), t[..., i] the hopping between sites i and i+1."""
         return COUPLING_MAX * torch.sigmoid(self.logit(f[:, 1:])).transpose(1, 2)
+
+
+class Gates(nn.Module):
+    """The selective gates: sigmoid(Linear(D, 2D)(f_i)) split into the write gate on the source
+    u_i and the read gate on the response w_i, one per feature (module docstring)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.logit = nn.Linear(d_model, 2 * d_model)
+
+    def forward(self, f: Tensor) -> tuple[Tensor, Tensor]:
+        """f: (B, N, D) -> the write and read gates, each (B, N, D) in (0, 1)."""
+        write, read = torch.sigmoid(self.logit(f)).chunk(2, dim=-1)
+        return write, read

@@ -77,6 +77,8 @@ class Config:
             (m.bk_potentials >= 1 and (m.bk_readout == "diagonal"
                                        or m.d_model % m.bk_potentials == 0),
              "bk_potentials must be >= 1, and divide d_model with bk_readout: features"),
+            (m.bk_readout == "features" or not m.bk_gates,
+             "bk_gates: true gates the resolvent on the features: it needs bk_readout: features"),
             (m.bk_gradient == "exact" or (m.bk_potentials, m.bk_shift, m.bk_coupling,
                                           m.bk_readout) == (1, "fixed", "fixed", "diagonal"),
              "bk_gradient: surrogate is the original's layer: it needs the default bk_* settings"),

@@ -13,7 +13,8 @@ Layer variants (ModelConfig; the defaults are the layer above, physlm.bk_feature
 math): P potentials Linear(D,P) (`bk_potentials`), each with a learned shift z_c = i gamma_c
 (`bk_shift`) and an input-dependent hopping (`bk_coupling`); their diagonals read out through
 Linear(2P,D), or (`bk_readout: features`) the resolvent applied to u = Linear(D,D)(f), D/P
-features per potential, read out through Linear(2D,D). The MoE's Switch balancing term is
+features per potential, read out through Linear(2D,D), optionally through selective write and
+read gates per feature (`bk_gates`). The MoE's Switch balancing term is
 returned apart from the LM loss (`moe_balance_weight`); training adds it as an auxiliary
 objective whose gradient joins the LM's (physlm.objectives).
 
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from physlm.bk_core import resolvent_diagonal, surrogate_resolvent_diagonal
-from physlm.bk_features import Coupling, SpectralShift, resolve_features
+from physlm.bk_features import Coupling, Gates, SpectralShift, resolve_features
 from physlm.config import ModelConfig
 from physlm.koopman import Koopman
 from physlm.losses import head_output
@@ -61,6 +62,7 @@ class BKLayer(nn.Module):
                       if config.bk_shift == "learned" else None)
         self.coupling = Coupling(d, potentials) if config.bk_coupling == "learned" else None
         self.signal = nn.Linear(d, d) if resolved else None
+        self.gates = Gates(d) if config.bk_gates else None
         self.causal = config.bk_mode == "causal"
         self.resolvent = (surrogate_resolvent_diagonal if config.bk_gradient == "surrogate"
                           else resolvent_diagonal)
@@ -84,7 +86,11 @@ class BKLayer(nn.Module):
         if self.signal is None:
             features = torch.cat((g.real, g.imag), dim=1).transpose(1, 2)     # (B, N, 2P)
         else:
-            w = resolve_features(self.signal(f), g, hopping, causal=self.causal)
+            u, read = self.signal(f), 1.0
+            if self.gates is not None:
+                write, read = self.gates(f)
+                u = write * u
+            w = read * resolve_features(u, g, hopping, causal=self.causal)
             features = torch.cat((w.real, w.imag), dim=-1)                    # (B, N, 2D)
         features = features.clamp(-self.feature_clamp, self.feature_clamp)
         return f + self.scale * self.features(features), load, importance

@@ -57,6 +57,8 @@ class ModelConfig:
     bk_shift: Literal["fixed", "learned"] = "fixed"
     bk_coupling: Literal["fixed", "learned"] = "fixed"
     bk_readout: Literal["diagonal", "features"] = "diagonal"
+    # Selective write and read gates per feature from the token (bk_readout: features).
+    bk_gates: bool = False
     # Learned shifts start geometric from gamma = 1 down to this (physlm.bk_features): the
     # longest initial memory. Above the floor of a learned gamma, 0.01.
     bk_gamma_init_min: float = 0.1

@@ -54,6 +54,10 @@ VARIANTS = {"plain": Variant("Phase 1: ResNet-BK (plain)"),
                                      control="improved"),
             "physics_improved_tied": Variant("Physics on the tied improved ResNet-BK, "
                                              "recommended recipe", control="improved_tied"),
+            "improved_gated": Variant("improved, selective write and read gates",
+                                      control="improved"),
+            "improved_tied_gated": Variant("improved_tied, selective gates, d_model 84",
+                                           control="improved_tied"),
             # Screens one or two changes from improved (params/<name>.yaml says which).
             "improved_memory": Variant("improved, shifts from gamma 0.02", control="improved"),
             "improved_memory16": Variant("improved, 16 potentials, shifts from gamma 0.02",

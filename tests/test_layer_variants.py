@@ -25,6 +25,8 @@ VARIANTS = {
     "features": {"bk_potentials": 4, "bk_shift": "learned", "bk_readout": "features"},
     "all": {"bk_potentials": 4, "bk_shift": "learned", "bk_coupling": "learned",
             "bk_readout": "features"},
+    "gated": {"bk_potentials": 4, "bk_shift": "learned", "bk_readout": "features",
+              "bk_gates": True},
 }
 PROXY_VOCABULARY = 21_143  # the proxy's (reports/published/physics_recommended.md)
 
@@ -152,6 +154,10 @@ def dense_layer(layer: BKLayer, h: torch.Tensor) -> torch.Tensor:
     gamma = torch.ones(p, dtype=torch.float64) if layer.shift is None else layer.shift.gamma
     t = None if layer.coupling is None else layer.coupling(f)
     u = None if layer.signal is None else layer.signal(f)
+    write, read = (1.0, 1.0) if layer.gates is None else torch.sigmoid(
+        f @ layer.gates.logit.weight.T + layer.gates.logit.bias).chunk(2, -1)
+    if u is not None:
+        u = write * u
     rows = []
     for i in range(h.shape[0]):
         columns = []
@@ -163,7 +169,7 @@ def dense_layer(layer: BKLayer, h: torch.Tensor) -> torch.Tensor:
                 width = u.shape[-1] // p
                 columns.append(dense_resolved(*args, u[i, :, c * width:(c + 1) * width],
                                               layer.causal))
-        w = torch.cat(columns, -1)
+        w = torch.cat(columns, -1) * (read if layer.gates is None else read[i])
         rows.append(torch.cat((w.real, w.imag), -1).reshape(n, -1))
     features = torch.stack(rows).clamp(-layer.feature_clamp, layer.feature_clamp)
     return f + layer.scale * layer.features(features)
@@ -182,7 +188,8 @@ def test_layer_matches_dense_reference(variant: str, bk_mode: str) -> None:
 def test_layer_gradcheck(variant: str) -> None:
     """Through the input and the variant's own parameters (shifts, hopping, signal)."""
     layer = _layer(variant)
-    names = [name for name in ("shift.rho", "coupling.logit.weight", "signal.weight")
+    names = [name for name in ("shift.rho", "coupling.logit.weight", "signal.weight",
+                               "gates.logit.weight")
              if name in dict(layer.named_parameters())]
     params = dict(layer.named_parameters())
     inputs = [torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)]
@@ -253,12 +260,15 @@ def test_the_lowest_initial_shift_is_a_setting_above_the_floor() -> None:
             SpectralShift(4, lowest)
 
 
-def _extra_per_layer(d: int, p: int, shift: bool, coupling: bool, features: bool) -> int:
+def _extra_per_layer(d: int, p: int, shift: bool, coupling: bool, features: bool,
+                     gates: bool) -> int:
     """Parameters a variant adds to one layer, counted by hand: Linear(D, P) potentials and
-    hopping, P shifts, Linear(2P, D) or (features) Linear(D, D) + Linear(2D, D) readouts."""
+    hopping, P shifts, Linear(2P, D) or (features) Linear(D, D) + Linear(2D, D) readouts,
+    Linear(D, 2D) gates."""
     potentials = (d + 1) * (p - 1)
     readout = (d * d + d) + 2 * d * d if features else 2 * d * p  # weights; biases match
-    return potentials + p * shift + (d + 1) * p * coupling + readout - 2 * d
+    return (potentials + p * shift + (d + 1) * p * coupling + readout - 2 * d
+            + (d + 1) * 2 * d * gates)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -267,7 +277,8 @@ def test_variant_parameter_counts(variant: str) -> None:
     extra = 4 * _extra_per_layer(64, settings["bk_potentials"],
                                  settings.get("bk_shift") == "learned",
                                  settings.get("bk_coupling") == "learned",
-                                 settings.get("bk_readout") == "features")
+                                 settings.get("bk_readout") == "features",
+                                 settings.get("bk_gates", False))
     for vocabulary, reference in ((30_000, 4_179_924), (PROXY_VOCABULARY, 3_037_371)):
         model, penalty = build_model(from_flat(settings), vocabulary)
         assert count_parameters(model, penalty)["total"] == reference + extra
@@ -277,7 +288,8 @@ def test_variant_settings_are_checked() -> None:
     for values, message in (({"bk_potentials": 0}, "bk_potentials must be >= 1"),
                             ({"bk_potentials": 3, "bk_readout": "features"}, "divide d_model"),
                             ({"bk_gradient": "surrogate", "bk_shift": "learned"}, "surrogate"),
-                            ({"moe_balance_weight": -0.1}, "moe_balance_weight")):
+                            ({"moe_balance_weight": -0.1}, "moe_balance_weight"),
+                            ({"bk_gates": True}, "needs bk_readout: features")):
         with pytest.raises(ConfigError, match=message):
             from_flat(values)
     from_flat({"bk_potentials": 3})  # the diagonal readout takes any number of potentials
@@ -366,3 +378,19 @@ def test_potential_init_at_the_band_centre_lengthens_the_initial_memory() -> Non
     assert decay[0.0] == pytest.approx(0.80, abs=0.005)
     with pytest.raises(ConfigError, match="bk_potential_init must be within"):
         from_flat({"bk_potential_init": 4.0})
+
+
+def test_open_gates_are_the_ungated_layer_and_closed_ones_cut_the_context() -> None:
+    """Gates saturated open (sigmoid -> 1) leave the features layer as it is; a write gate
+    shut (-> 0) leaves nothing in the state, so the layer is f alone plus the readout's bias."""
+    gated, plain = _layer("gated"), _layer("features")
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    h = torch.randn(2, 7, 8, dtype=torch.float64)
+    with torch.no_grad():
+        gated.gates.logit.weight.zero_()
+        gated.gates.logit.bias.fill_(50.0)
+        torch.testing.assert_close(gated(h)[0], plain(h)[0], rtol=0, atol=1e-12)
+        gated.gates.logit.bias[:8].fill_(-50.0)
+        f = gated.moe(gated.norm(h))[0]
+        torch.testing.assert_close(gated(h)[0], f + gated.scale * gated.features.bias,
+                                   rtol=0, atol=1e-12)
