@@ -14,6 +14,8 @@ and 4,078,256 parameters at N = 128). The models:
   the resolvent applied to the features, MoE balancing; issue 23), dropout 0.1;
 - resnet_bk_improved_tied: the same at d_model 88 with the head tied to the embedding
   (params/improved_tied.yaml), dropout 0.1;
+- resnet_bk_improved_tied_gated: tied at d_model 84 with the selective write and read gates
+  (params/improved_tied_gated.yaml), dropout 0.1;
 - transformer: dropout 0.1 as it trains with the reference configuration. Attention dropout
   makes torch's scaled_dot_product_attention take its math path on the CPU: B x heads x N x N
   scores, softmax and dropout mask in memory;
@@ -79,6 +81,9 @@ IMPROVED = {"bk_potentials": 4, "bk_shift": "learned", "bk_readout": "features",
 MODELS = {"resnet_bk": (ResNetBK, {}), "resnet_bk_improved": (ResNetBK, IMPROVED),
           "resnet_bk_improved_tied": (ResNetBK, {**IMPROVED, "d_model": 88,
                                                  "tie_embeddings": True}),
+          "resnet_bk_improved_tied_gated": (ResNetBK, {**IMPROVED, "d_model": 84,
+                                                       "tie_embeddings": True,
+                                                       "bk_gates": True}),
           "transformer": (Transformer, {}), "transformer_p0": (Transformer, {"dropout": 0.0})}
 LENGTHS = (128, 512, 2048, 8192, 16_384)
 QUICK_LENGTHS = (128, 1024)

@@ -74,7 +74,8 @@ def _study(args: argparse.Namespace) -> None:
     options = study.load_study(args.params, {**dict(parse_assignment(t) for t in args.set),
                                              "address": args.address})
     if args.report_only:
-        study.sync_records(options)
+        study.restore_records(options)
+        study.save_records(options)
     runs = study.load_study_runs(options) if args.report_only else study.run_study(options)
     print(study_report.write_study_report(options, runs))
 

@@ -231,29 +231,37 @@ def plan(options: StudyOptions) -> list[TrainJob]:
 
 def run_study(options: StudyOptions) -> dict[str, list[RunData]]:
     """Train (or reuse) every run of the study; return the runs by variant. Finished runs
-    are not trained again (a restored record has no checkpoint to resume from)."""
-    sync_records(options)
+    are not trained again (a restored record has no checkpoint to resume from). Records are
+    saved after the runs, not before: records tracked in the tree and written at the start
+    would make every run the study then starts record a '+dirty' commit."""
+    restore_records(options)
     try:
         run_jobs([job for job in plan(options)
                   if not RunDirectory(job.run_dir).finished_as(job.config)],
                  workers=options.workers, address=options.address)
     finally:  # what finished before a crash is kept too
-        sync_records(options)
+        save_records(options)
     return load_study_runs(options)
 
 
-def sync_records(options: StudyOptions) -> None:
-    """Save every finished run's record in `options.records`, and restore the record of a
-    run that is missing here (a record is used only for the same settings)."""
-    if not options.records:
-        return
-    for job in plan(options):
-        run = RunDirectory(job.run_dir)
-        record = RunDirectory(Path(options.records)
-                              / Path(job.run_dir).relative_to(study_dir(options)))
+def _records(options: StudyOptions) -> list[tuple[TrainJob, RunDirectory, RunDirectory]]:
+    """Each run of the study with its run directory and its record's (`options.records`)."""
+    return [(job, RunDirectory(job.run_dir), RunDirectory(
+        Path(options.records) / Path(job.run_dir).relative_to(study_dir(options))))
+        for job in plan(options)] if options.records else []
+
+
+def save_records(options: StudyOptions) -> None:
+    """Save every finished run's record in `options.records`."""
+    for job, run, record in _records(options):
         if run.finished_as(job.config):
             run.copy_record_to(record)
-        elif not run.holds_run and record.finished_as(job.config):
+
+
+def restore_records(options: StudyOptions) -> None:
+    """Restore the record of a run that is missing here (used only for the same settings)."""
+    for job, run, record in _records(options):
+        if not run.holds_run and record.finished_as(job.config):
             record.copy_record_to(run)
 
 

@@ -482,6 +482,19 @@ def test_records_keep_the_runs_that_finished_before_a_crash(tmp_path, monkeypatc
     assert not (tmp_path / "records" / "control" / "s1").exists()
 
 
+def test_records_are_saved_after_the_runs_not_before(tmp_path, monkeypatch):
+    """A record written while the study's runs train changes the tree they record the commit
+    of (records are tracked): a finished run's record is saved at the end, not the start."""
+    options = tiny_study(tmp_path, variants=["control"], seeds=[0, 1], workers=1,
+                         records=str(tmp_path / "records"))
+    run_job(study.plan(options)[0])                     # finished before the study starts
+    record = tmp_path / "records" / "control" / "s0" / "metrics" / "epochs.jsonl"
+    seen: list[bool] = []
+    monkeypatch.setattr(study, "run_jobs", lambda jobs, **_: seen.append(record.exists()))
+    study.run_study(options)
+    assert seen == [False] and record.is_file()
+
+
 def test_the_ablation_params_are_the_studys_runs():
     """params/ablation.yaml runs part of params/study.yaml: the same runs, budget and fixes."""
     full, part = study.load_study("params/study.yaml"), study.load_study("params/ablation.yaml")
