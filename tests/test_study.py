@@ -176,8 +176,8 @@ def test_the_report_names_a_variants_own_control_and_its_layer(tmp_path):
     assert ("Physics on the improved ResNet-BK, recommended recipe ends with a validation "
             "perplexity") in text
     assert "than its control, ResNet-BK, resolvent on the features (physics off) on" in text
-    assert ("BK layer of 4 potentials (learned shifts, fixed hopping, features readout), MoE "
-            "balance weight 0.01, embeddings initialised with std 0.02") in text
+    assert ("BK layer of 4 potentials (learned shifts from gamma 0.1, fixed hopping, features "
+            "readout), MoE balance weight 0.01, embeddings initialised with std 0.02") in text
     variants = section(text, "## Variants")
     assert variants.count("BK layer of") == 2 and variants.count("embeddings initialised") == 2
 
