@@ -62,6 +62,8 @@ VARIANTS = {"plain": Variant("Phase 1: ResNet-BK (plain)"),
                                           control="improved_tied"),
             "improved_tied_d120": Variant("improved_tied, d_model 120, 2 layers, 2 experts",
                                           control="improved_tied"),
+            "improved_tied_dense": Variant("improved_tied, one expert, d_model 112",
+                                           control="improved_tied"),
             # Screens one or two changes from improved (params/<name>.yaml says which).
             "improved_memory": Variant("improved, shifts from gamma 0.02", control="improved"),
             "improved_memory16": Variant("improved, 16 potentials, shifts from gamma 0.02",
