@@ -47,36 +47,29 @@ VARIANTS = {"plain": Variant("Phase 1: ResNet-BK (plain)"),
             "layer_shifts": Variant("ResNet-BK, 4 potentials with learned shifts"),
             "layer_coupling": Variant("ResNet-BK, coupling from the tokens"),
             "layer_balance": Variant("ResNet-BK, MoE load balancing"),
-            "improved": Variant("ResNet-BK, resolvent on the features (physics off)"),
-            "physics_improved": Variant("Physics on the improved ResNet-BK, recommended recipe",
-                                        control="improved"),
-            "improved_tied": Variant("The improved ResNet-BK, tied head, d_model 88",
-                                     control="improved"),
-            "physics_improved_tied": Variant("Physics on the tied improved ResNet-BK, "
-                                             "recommended recipe", control="improved_tied"),
-            "improved_gated": Variant("improved, selective write and read gates",
-                                      control="improved"),
-            "improved_tied_gated": Variant("improved_tied, selective gates, d_model 84",
-                                           control="improved_tied"),
-            "improved_tied_d104": Variant("improved_tied, d_model 104, 2 layers",
-                                          control="improved_tied"),
-            "improved_tied_d120": Variant("improved_tied, d_model 120, 2 layers, 2 experts",
-                                          control="improved_tied"),
-            "improved_tied_dense": Variant("improved_tied, one expert, d_model 112",
-                                           control="improved_tied"),
-            # Screens one or two changes from improved (params/<name>.yaml says which).
-            "improved_memory": Variant("improved, shifts from gamma 0.02", control="improved"),
-            "improved_memory16": Variant("improved, 16 potentials, shifts from gamma 0.02",
-                                         control="improved"),
-            "improved_tied_memory": Variant("improved_tied, shifts from gamma 0.02",
-                                            control="improved_tied"),
-            "improved_band_centre": Variant("improved, started at the band centre",
-                                            control="improved"),
-            "improved_band_centre_memory": Variant("improved, started at the band centre, "
-                                                   "shifts from gamma 0.02", control="improved"),
-            "improved_coupling": Variant("improved, hopping from the tokens", control="improved"),
-            "improved_channels": Variant("improved, one potential per feature",
-                                         control="improved")}
+            "improved": Variant("ResNet-BK, resolvent on the features (physics off)")}
+# Issue 23's variants one or two changes from the improved layer or its tied form
+# (params/<name>.yaml says which), each paired against the layer it changes.
+_CHANGES = {
+    "improved": {"physics_improved": "Physics on the improved ResNet-BK, recommended recipe",
+                 "improved_tied": "The improved ResNet-BK, tied head, d_model 88",
+                 "improved_gated": "improved, selective write and read gates",
+                 "improved_memory": "improved, shifts from gamma 0.02",
+                 "improved_memory16": "improved, 16 potentials, shifts from gamma 0.02",
+                 "improved_band_centre": "improved, started at the band centre",
+                 "improved_band_centre_memory": "improved, started at the band centre, shifts "
+                                                "from gamma 0.02",
+                 "improved_coupling": "improved, hopping from the tokens",
+                 "improved_channels": "improved, one potential per feature"},
+    "improved_tied": {"physics_improved_tied": "Physics on the tied improved ResNet-BK, "
+                                               "recommended recipe",
+                      "improved_tied_gated": "improved_tied, selective gates, d_model 84",
+                      "improved_tied_memory": "improved_tied, shifts from gamma 0.02",
+                      "improved_tied_d104": "improved_tied, d_model 104, 2 layers",
+                      "improved_tied_d120": "improved_tied, d_model 120, 2 layers, 2 experts",
+                      "improved_tied_dense": "improved_tied, one expert, d_model 112"}}
+VARIANTS |= {name: Variant(text, control=control)
+             for control, changes in _CHANGES.items() for name, text in changes.items()}
 
 
 def label(variant: str) -> str:
