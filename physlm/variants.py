@@ -51,23 +51,25 @@ VARIANTS = {"plain": Variant("Phase 1: ResNet-BK (plain)"),
 # Issue 23's variants one or two changes from the improved layer or its tied form
 # (params/<name>.yaml says which), each paired against the layer it changes.
 _CHANGES = {
-    "improved": {"physics_improved": "Physics on the improved ResNet-BK, recommended recipe",
-                 "improved_tied": "The improved ResNet-BK, tied head, d_model 88",
-                 "improved_gated": "improved, selective write and read gates",
-                 "improved_memory": "improved, shifts from gamma 0.02",
-                 "improved_memory16": "improved, 16 potentials, shifts from gamma 0.02",
-                 "improved_band_centre": "improved, started at the band centre",
-                 "improved_band_centre_memory": "improved, started at the band centre, shifts "
-                                                "from gamma 0.02",
-                 "improved_coupling": "improved, hopping from the tokens",
-                 "improved_channels": "improved, one potential per feature"},
-    "improved_tied": {"physics_improved_tied": "Physics on the tied improved ResNet-BK, "
-                                               "recommended recipe",
-                      "improved_tied_gated": "improved_tied, selective gates, d_model 84",
-                      "improved_tied_memory": "improved_tied, shifts from gamma 0.02",
-                      "improved_tied_d104": "improved_tied, d_model 104, 2 layers",
-                      "improved_tied_d120": "improved_tied, d_model 120, 2 layers, 2 experts",
-                      "improved_tied_dense": "improved_tied, one expert, d_model 112"}}
+    "improved": {
+        "physics_improved": "Physics on the improved ResNet-BK, recommended recipe",
+        "improved_tied": "The improved ResNet-BK, tied head, d_model 88",
+        "improved_gated": "The improved ResNet-BK with selective write and read gates",
+        "improved_memory": "The improved ResNet-BK, shifts from gamma 0.02",
+        "improved_memory16": "The improved ResNet-BK, 16 potentials, shifts from gamma 0.02",
+        "improved_band_centre": "The improved ResNet-BK started at the band centre",
+        "improved_band_centre_memory": "The improved ResNet-BK started at the band centre, "
+                                       "shifts from gamma 0.02",
+        "improved_coupling": "The improved ResNet-BK with the hopping from the tokens",
+        "improved_channels": "The improved ResNet-BK with one potential per feature"},
+    "improved_tied": {
+        "physics_improved_tied": "Physics on the tied improved ResNet-BK, recommended recipe",
+        "improved_tied_gated": "The tied improved ResNet-BK with selective gates, d_model 84",
+        "improved_tied_memory": "The tied improved ResNet-BK, shifts from gamma 0.02",
+        "improved_tied_d104": "The tied improved ResNet-BK, d_model 104, 2 layers",
+        "improved_tied_d120": "The tied improved ResNet-BK, d_model 120, 2 layers, 2 experts",
+        "improved_tied_dense": "The tied improved ResNet-BK with one expert per layer, "
+                               "d_model 112"}}
 VARIANTS |= {name: Variant(text, control=control)
              for control, changes in _CHANGES.items() for name, text in changes.items()}
 
