@@ -69,7 +69,9 @@ _CHANGES = {
         "improved_tied_d104": "The tied improved ResNet-BK, d_model 104, 2 layers",
         "improved_tied_d120": "The tied improved ResNet-BK, d_model 120, 2 layers, 2 experts",
         "improved_tied_dense": "The tied improved ResNet-BK with one expert per layer, "
-                               "d_model 112"}}
+                               "d_model 112",
+        "improved_tied_deep6": "The tied improved ResNet-BK, d_model 76, 6 layers",
+        "improved_tied_deep8": "The tied improved ResNet-BK, d_model 68, 8 layers"}}
 VARIANTS |= {name: Variant(text, control=control)
              for control, changes in _CHANGES.items() for name, text in changes.items()}
 
