@@ -71,7 +71,8 @@ _CHANGES = {
         "improved_tied_dense": "The tied improved ResNet-BK with one expert per layer, "
                                "d_model 112",
         "improved_tied_deep6": "The tied improved ResNet-BK, d_model 76, 6 layers",
-        "improved_tied_deep8": "The tied improved ResNet-BK, d_model 68, 8 layers"}}
+        "improved_tied_deep8": "The tied improved ResNet-BK, d_model 68, 8 layers",
+        "improved_tied_deep16": "The tied improved ResNet-BK, d_model 52, 16 layers"}}
 VARIANTS |= {name: Variant(text, control=control)
              for control, changes in _CHANGES.items() for name, text in changes.items()}
 
