@@ -18,6 +18,8 @@ and 4,078,256 parameters at N = 128). The models:
   (params/improved_tied_gated.yaml), dropout 0.1;
 - resnet_bk_improved_tied_dense: tied at d_model 112 with one expert per layer
   (params/improved_tied_dense.yaml), dropout 0.1;
+- resnet_bk_improved_tied_deep8: tied, 8 layers at d_model 68 (params/improved_tied_deep8.yaml),
+  dropout 0.1;
 - transformer: dropout 0.1 as it trains with the reference configuration. Attention dropout
   makes torch's scaled_dot_product_attention take its math path on the CPU: B x heads x N x N
   scores, softmax and dropout mask in memory;
@@ -92,6 +94,9 @@ MODELS = {"resnet_bk": (ResNetBK, {}), "resnet_bk_improved": (ResNetBK, IMPROVED
                                                        "bk_gates": True}),
           "resnet_bk_improved_tied_dense": (ResNetBK, {**IMPROVED, "d_model": 112,
                                                        "num_experts": 1,
+                                                       "tie_embeddings": True}),
+          "resnet_bk_improved_tied_deep8": (ResNetBK, {**IMPROVED, "d_model": 68,
+                                                       "n_layers": 8,
                                                        "tie_embeddings": True}),
           "transformer": (Transformer, {}), "transformer_p0": (Transformer, {"dropout": 0.0})}
 LENGTHS = (128, 512, 2048, 8192, 16_384)
