@@ -20,6 +20,8 @@ and 4,078,256 parameters at N = 128). The models:
   (params/improved_tied_dense.yaml), dropout 0.1;
 - resnet_bk_improved_tied_deep8: tied, 8 layers at d_model 68 (params/improved_tied_deep8.yaml),
   dropout 0.1;
+- resnet_bk_improved_tied_deep16: tied, 16 layers at d_model 52
+  (params/improved_tied_deep16.yaml), dropout 0.1;
 - transformer: dropout 0.1 as it trains with the reference configuration. Attention dropout
   makes torch's scaled_dot_product_attention take its math path on the CPU: B x heads x N x N
   scores, softmax and dropout mask in memory;
@@ -98,6 +100,9 @@ MODELS = {"resnet_bk": (ResNetBK, {}), "resnet_bk_improved": (ResNetBK, IMPROVED
           "resnet_bk_improved_tied_deep8": (ResNetBK, {**IMPROVED, "d_model": 68,
                                                        "n_layers": 8,
                                                        "tie_embeddings": True}),
+          "resnet_bk_improved_tied_deep16": (ResNetBK, {**IMPROVED, "d_model": 52,
+                                                        "n_layers": 16,
+                                                        "tie_embeddings": True}),
           "transformer": (Transformer, {}), "transformer_p0": (Transformer, {"dropout": 0.0})}
 LENGTHS = (128, 512, 2048, 8192, 16_384)
 QUICK_LENGTHS = (128, 1024)
