@@ -61,6 +61,7 @@ physlm.passive_openmp()  # before torch: idle OpenMP threads sleep
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import os
 import resource
@@ -71,9 +72,10 @@ from typing import Any
 
 import torch
 
-from physlm.config import ModelConfig
+from physlm.config import ModelConfig, from_flat
 from physlm.model import ResNetBK
 from physlm.transformer import Transformer
+from physlm.values import read_params_file
 
 # isort: split
 from bench import environment, resolve
@@ -81,28 +83,24 @@ from report import machine_info, save_results
 from timing import Timing, paired_ratio, peak_rss_mib, summary, sync, time_interleaved
 from workloads import VOCAB
 
-# params/improved.yaml's layer and embedding init. The init matters to the time: a head tied
-# to N(0, 1) embeddings (the default std) gives logits of std ~sqrt(d_model), whose softmax
-# underflows into float32 denormals, and denormal arithmetic made the tied d_model-88 step
-# 2x slower (1.0 s against 0.48 s at std 0.02, 16 x 128 tokens, 1 thread; the 112-wide one 11x).
-IMPROVED = {"bk_potentials": 4, "bk_shift": "learned", "bk_readout": "features",
-            "moe_balance_weight": 0.01, "embedding_init_std": 0.02}
-# name -> (class, model settings)
-MODELS = {"resnet_bk": (ResNetBK, {}), "resnet_bk_improved": (ResNetBK, IMPROVED),
-          "resnet_bk_improved_tied": (ResNetBK, {**IMPROVED, "d_model": 88,
-                                                 "tie_embeddings": True}),
-          "resnet_bk_improved_tied_gated": (ResNetBK, {**IMPROVED, "d_model": 84,
-                                                       "tie_embeddings": True,
-                                                       "bk_gates": True}),
-          "resnet_bk_improved_tied_dense": (ResNetBK, {**IMPROVED, "d_model": 112,
-                                                       "num_experts": 1,
-                                                       "tie_embeddings": True}),
-          "resnet_bk_improved_tied_deep8": (ResNetBK, {**IMPROVED, "d_model": 68,
-                                                       "n_layers": 8,
-                                                       "tie_embeddings": True}),
-          "resnet_bk_improved_tied_deep16": (ResNetBK, {**IMPROVED, "d_model": 52,
-                                                        "n_layers": 16,
-                                                        "tie_embeddings": True}),
+
+def params_model(variant: str) -> dict[str, Any]:
+    """The model settings of params/<variant>.yaml that differ from ModelConfig's defaults:
+    the layer and the embedding init a study variant trains with, read, not restated (a
+    restatement once missed the embedding init, and a head tied to the default N(0, 1)
+    embedding gives logits of std ~sqrt(d_model), whose softmax underflows into float32
+    denormals: the tied d_model-88 step ran 2x slower, 1.0 s against 0.48 s at std 0.02)."""
+    model = from_flat(read_params_file(HERE.parent / "params" / f"{variant}.yaml")).model
+    defaults = ModelConfig()
+    return {field.name: getattr(model, field.name) for field in dataclasses.fields(model)
+            if getattr(model, field.name) != getattr(defaults, field.name)}
+
+
+# name -> (class, model settings); resnet_bk_<variant> is the layer of params/<variant>.yaml.
+IMPROVED = ("improved", "improved_tied", "improved_tied_gated", "improved_tied_dense",
+            "improved_tied_deep8", "improved_tied_deep16")
+MODELS = {"resnet_bk": (ResNetBK, {}),
+          **{f"resnet_bk_{variant}": (ResNetBK, params_model(variant)) for variant in IMPROVED},
           "transformer": (Transformer, {}), "transformer_p0": (Transformer, {"dropout": 0.0})}
 LENGTHS = (128, 512, 2048, 8192, 16_384)
 QUICK_LENGTHS = (128, 1024)
