@@ -72,7 +72,12 @@ _CHANGES = {
                                "d_model 112",
         "improved_tied_deep6": "The tied improved ResNet-BK, d_model 76, 6 layers",
         "improved_tied_deep8": "The tied improved ResNet-BK, d_model 68, 8 layers",
-        "improved_tied_deep16": "The tied improved ResNet-BK, d_model 52, 16 layers"}}
+        "improved_tied_deep16": "The tied improved ResNet-BK, d_model 52, 16 layers",
+        "improved_tied_deep24": "The tied improved ResNet-BK, d_model 44, 24 layers",
+        "improved_tied_deep32": "The tied improved ResNet-BK, d_model 36, 32 layers"},
+    "improved_tied_deep16": {
+        "physics_improved_tied_deep16": "Physics on the 16-layer tied improved ResNet-BK, "
+                                        "recommended recipe"}}
 VARIANTS |= {name: Variant(text, control=control)
              for control, changes in _CHANGES.items() for name, text in changes.items()}
 

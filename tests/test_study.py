@@ -201,6 +201,10 @@ def test_the_improved_variants_are_their_recipes():
         study.PARAMS / "physics_improved_tied.yaml").items() if k != "name"}
     assert physics_tied == {**{k: v for k, v in tied.items() if k != "energy_penalty"},
                             **read["physics_recommended"]}
+    deep, physics_deep = ({k: v for k, v in read_params_file(study.PARAMS / f"{name}.yaml")
+                           .items() if k not in ("name", "energy_penalty")}
+                          for name in ("improved_tied_deep16", "physics_improved_tied_deep16"))
+    assert physics_deep == {**deep, **read["physics_recommended"]}
     layer = {k: v for k, v in read["improved"].items() if k != "energy_penalty"}
     assert read["physics_improved"] == {**layer, **read["physics_recommended"]}
     options = study.load_study("params/study.yaml")
