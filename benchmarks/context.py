@@ -21,7 +21,8 @@ and 4,078,256 parameters at N = 128). The models:
 - resnet_bk_improved_tied_deep8: tied, 8 layers at d_model 68 (params/improved_tied_deep8.yaml),
   dropout 0.1;
 - resnet_bk_improved_tied_deep16: tied, 16 layers at d_model 52
-  (params/improved_tied_deep16.yaml), dropout 0.1;
+  (params/improved_tied_deep16.yaml), dropout 0.1; likewise deep24 (24 layers at d_model 44)
+  and deep32 (32 layers at d_model 36);
 - transformer: dropout 0.1 as it trains with the reference configuration. Attention dropout
   makes torch's scaled_dot_product_attention take its math path on the CPU: B x heads x N x N
   scores, softmax and dropout mask in memory;
@@ -98,7 +99,8 @@ def params_model(variant: str) -> dict[str, Any]:
 
 # name -> (class, model settings); resnet_bk_<variant> is the layer of params/<variant>.yaml.
 IMPROVED = ("improved", "improved_tied", "improved_tied_gated", "improved_tied_dense",
-            "improved_tied_deep8", "improved_tied_deep16")
+            "improved_tied_deep8", "improved_tied_deep16", "improved_tied_deep24",
+            "improved_tied_deep32")
 MODELS = {"resnet_bk": (ResNetBK, {}),
           **{f"resnet_bk_{variant}": (ResNetBK, params_model(variant)) for variant in IMPROVED},
           "transformer": (Transformer, {}), "transformer_p0": (Transformer, {"dropout": 0.0})}
