@@ -99,6 +99,19 @@ def position_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(rows, columns=columns), results
 
 
+def position_gaps(table: pd.DataFrame, reference: str) -> pd.DataFrame | None:
+    """Each other run's loss over each band of position_table minus the `reference` run's
+    (nats): where, by tokens of context, a model falls short of the reference; None when the
+    reference run is not in the table."""
+    losses = [column for column in table.columns if column.startswith("Loss")]
+    chosen = table["Run"] == reference
+    if not chosen.any():
+        return None
+    others = table.loc[~chosen, ["Run", *losses]].reset_index(drop=True)
+    others[losses] = (others[losses] - table.loc[chosen, losses].iloc[0]).round(3)
+    return others
+
+
 def _round(value: float | None) -> float | None:
     """Three decimals: a benchmark's medians vary in the second."""
     return None if value is None else round(value, 3)

@@ -26,7 +26,13 @@ from physlm.criteria import (
     steady_state,
     summarize,
 )
-from physlm.external import USED_WITHIN, context_table, external_sentences, position_table
+from physlm.external import (
+    USED_WITHIN,
+    context_table,
+    external_sentences,
+    position_gaps,
+    position_table,
+)
 from physlm.history import PPL_COLUMNS
 from physlm.optim import OPTIMIZER_NAMES
 from physlm.provenance import git_commit
@@ -289,6 +295,7 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
     frame = numbers(runs)
     summary = study_table(frame)
     measured = options.target in set(frame["variant"])   # the target has a finished run
+    target_run = f"{options.target}_s{options.seeds[0]}"  # its run in the position benchmark
     # The target's band, as an external reference's (physlm.external): its runs' tolerance.
     tolerance = runs[options.target][0].config.criteria.ppl_tolerance if measured else 0.0
     references = study_references(runs)
@@ -313,8 +320,10 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         floor_sentences=[] if point is None else floor_sentences(point, floor),
         external=external_sentences(options, frame, runs),
         context=[(portable(path), *context_table(path)) for path in options.context],
-        positions=[(portable(path), position_table(path)[0]) for path in options.position_loss],
-        used_within=USED_WITHIN,
+        positions=[(portable(path), table, position_gaps(table, target_run))
+                   for path in options.position_loss
+                   for table in [position_table(path)[0]]],
+        used_within=USED_WITHIN, target_run=target_run,
         target=None if not measured else (
             label(options.target), Table(target_table(summary, options.target, tolerance), KINDS),
             tolerance),
