@@ -40,6 +40,7 @@ from physlm.runs import RunData
 from physlm.samples import Samples, continuation, samples_table
 from physlm.statistics import numbers, paired
 from physlm.study import StudyOptions, ablation_rows, load_ablation_runs, study_dir
+from physlm.study_figures import curves_figure, target_figure
 from physlm.text import Table, environment, fmt, literal, portable
 from physlm.variants import CONTROL, REPLICA, against_of, control_of, label
 
@@ -254,24 +255,6 @@ def variant_samples(runs: dict[str, list[RunData]]) -> Samples | None:
     return samples
 
 
-def curves_figure(runs: dict[str, list[RunData]]) -> plots.Figure:
-    """Validation perplexity per epoch per variant: the mean over seeds with a min-max band."""
-    figure, ((ax,),) = plots.new_figure("Validation perplexity per epoch (mean, min-max band)",
-                                        ncols=1)
-    for variant, seeds in runs.items():
-        curves = pd.DataFrame({run.config.train.seed: run.epochs.set_index("epoch")["val_ppl"]
-                               for run in seeds if len(run.epochs)})
-        if curves.empty:
-            continue
-        x = curves.index.astype(int) + 1
-        line, = ax.plot(x, curves.mean(axis=1), "o-", label=variant)
-        ax.fill_between(x, curves.min(axis=1), curves.max(axis=1), alpha=0.15,
-                        color=line.get_color())
-    ax.set_yscale("log")
-    plots.set_labels(ax, "", "epoch", "validation perplexity")
-    return figure
-
-
 def missing_runs(options: StudyOptions, frame: pd.DataFrame) -> list[str]:
     """The study's runs that are not finished (or not started), as "variant seed s"."""
     finished = {(r.variant, r.seed) for r in frame.itertuples() if r.finished}
@@ -303,6 +286,9 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
     point = operating_point(frame, floor) if floor else None
     figure = out / options.name / "val_ppl.png"
     curves_figure(runs).savefig(figure, dpi=plots.DPI)
+    if measured:
+        target_figure(frame, options.target, tolerance).savefig(
+            out / options.name / "target.png", dpi=plots.DPI)
     configs: dict[str, Config] = {v: seeds[0].config for v, seeds in runs.items() if seeds}
     ablation = load_ablation_runs(options)
     rows, fix_sentences = history.ablation_table(ablation) if ablation else (None, [])
@@ -326,7 +312,7 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         used_within=USED_WITHIN, target_run=target_run,
         target=None if not measured else (
             label(options.target), Table(target_table(summary, options.target, tolerance), KINDS),
-            tolerance),
+            tolerance, f"{options.name}/target.png"),
         selection=" and ".join(sorted(set(frame["selected_on"]))) or "n/a",
         optimizer_names=OPTIMIZER_NAMES,
         comparisons=Table(comparisons(frame), KINDS), phases=Table(phase_table(frame), KINDS),

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from physlm import external, statistics, study, study_report, text, variants
+from physlm import external, statistics, study, study_figures, study_report, text, variants
 from physlm.config import from_flat, read_params_file
 from physlm.executor import run_job
 from physlm.files import read_jsonl
@@ -421,6 +421,14 @@ def test_the_report_opens_with_the_operating_point(tmp_path):
     ratio = frame.loc[frame["variant"] == "control", "best"].mean() / lstm_best - 1
     assert "| control | 1 |" in " ".join(target.split())
     assert f"{ratio:+.2%}" in target and "at most 5% above it" in " ".join(target.split())
+    assert "against the target](tiny/target.png)" in target
+    figure = study_figures.target_figure(frame, "lstm", 0.05)
+    ax = figure.axes[0]
+    names = [tick.get_text() for tick in ax.get_yticklabels()]
+    assert names == frame.groupby("variant")["best"].mean().sort_values(
+        ascending=False).index.tolist()                        # the best at the top
+    assert len(ax.lines) == 2 * len(names)                     # seed dots and a mean bar each
+    assert ax.patches[0].get_x() == pytest.approx(lstm_best)   # the band starts at the target
     table = external.position_table(positions)[0]
     assert table["Memory, longest"].tolist()[1] == 9.0 and table["Memory, median"][1] == 2.5
     assert pd.isna(table["Memory, longest"][0]) and "Loss, 2-4 tokens" in table
