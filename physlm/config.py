@@ -128,6 +128,7 @@ class Config:
              "would never run; lower it, or set energy_penalty: false (and koopman: false) "
              "for a run without it"),
             (m.embedding_init_std > 0, "embedding_init_std must be > 0"),
+            (m.embedding_dim is None or m.embedding_dim >= 1, "embedding_dim must be >= 1"),
             (m.architecture != "lstm" or m.embedding_init_std == ModelConfig.embedding_init_std,
              "embedding_init_std does not apply to lstm (its embedding is uniform in (-0.1, "
              "0.1), word_language_model's); leave it unset"),

@@ -125,11 +125,18 @@ class ResNetBK(nn.Module):
                  make_layer: Callable[[ModelConfig], nn.Module] = BKLayer) -> None:
         super().__init__()
         self.config = config
-        self.token_embedding = nn.Embedding(vocab_size, config.d_model)
+        width = config.embedding_dim or config.d_model
+        self.token_embedding = nn.Embedding(vocab_size, width)
         self.position_embedding = nn.Embedding(config.n_seq, config.d_model)
         self.blocks = nn.ModuleList(make_layer(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.d_model)
-        self.lm_head = nn.Linear(config.d_model, vocab_size)
+        self.lm_head = nn.Linear(width, vocab_size)
+        # e_t = W_in E[x_t] into the layers, logits = E W_out h_L out of them (E the head's);
+        # absent at width d_model, so the default model's draws are unchanged.
+        self.embedding_in, self.embedding_out = (
+            (nn.Linear(width, config.d_model, bias=False),
+             nn.Linear(config.d_model, width, bias=False))
+            if width != config.d_model else (nn.Identity(), nn.Identity()))
         for embedding in (self.token_embedding, self.position_embedding):
             nn.init.normal_(embedding.weight, std=config.embedding_init_std)
         if config.tie_embeddings:   # the head's own draw above is discarded, not skipped
@@ -144,7 +151,7 @@ class ResNetBK(nn.Module):
         n = x.shape[1]
         if n > self.config.n_seq:
             raise ValueError(f"sequence of {n} tokens is longer than n_seq={self.config.n_seq}")
-        embeddings = self.token_embedding(x)
+        embeddings = self.embedding_in(self.token_embedding(x))
         h = embeddings + self.position_embedding.weight[:n]
         hidden_states, loads, importances = [h], [], []
         for layer in self.blocks:
@@ -153,7 +160,7 @@ class ResNetBK(nn.Module):
             hidden_states.append(h)
             loads.append(load)
             importances.append(importance)
-        h = self.final_norm(h)
+        h = self.embedding_out(self.final_norm(h))
         loss, token_losses, logits = head_output(h, self.lm_head.weight, self.lm_head.bias,
                                                  targets)
         expert_load, balance = torch.stack(loads), None

@@ -71,6 +71,10 @@ class ModelConfig:
     # The LM head's weight is the token embedding (Press & Wolf 2017, as the LSTM baseline's):
     # one V x D matrix instead of two, so d_model can grow at the same parameter count.
     tie_embeddings: bool = False
+    # The token embedding's width (and the head's); None: d_model. Another width is mapped
+    # into the layers' and out of them by a Linear each (no bias): the softmax's rank need
+    # not be the residual stream's.
+    embedding_dim: int | None = None
     # Token and position embeddings ~ N(0, std^2): 1.0 is nn.Embedding's default, which the
     # original kept (SPEC section 7); 0.02 is GPT-2's.
     embedding_init_std: float = 1.0

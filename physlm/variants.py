@@ -77,7 +77,9 @@ _CHANGES = {
         "improved_tied_deep32": "The tied improved ResNet-BK, d_model 36, 32 layers"},
     "improved_tied_deep16": {
         "physics_improved_tied_deep16": "Physics on the 16-layer tied improved ResNet-BK, "
-                                        "recommended recipe"}}
+                                        "recommended recipe",
+        "improved_tied_deep16_e96": "The 16-layer tied improved ResNet-BK at d_model 40, "
+                                    "embedding width 96"}}
 VARIANTS |= {name: Variant(text, control=control)
              for control, changes in _CHANGES.items() for name, text in changes.items()}
 

@@ -158,3 +158,30 @@ def test_tied_head_is_the_token_embedding():
                                untied.token_embedding.weight.grad + untied.lm_head.weight.grad)
     with pytest.raises(ConfigError, match="tie_embeddings: true needs architecture: resnet_bk"):
         from_flat({"architecture": "transformer", "tie_embeddings": True})
+
+
+def test_embedding_width_apart_from_the_layers():
+    """embedding_dim E != d_model D: the tied E-wide embedding is mapped into the layers and out
+    of them by a D x E and an E x D matrix, the only parameters added; E = D is the default
+    model, draw for draw; logits are E[x] W_out h_L + b, so a head reading a zero map outputs
+    the bias alone (the trivial solution: the unigram of the bias)."""
+    settings = {"d_model": 16, "n_seq": 8, "energy_heads": False, "energy_penalty": False,
+                "tie_embeddings": True}
+    default, _ = build_model(from_flat(settings), 50)
+    same, _ = build_model(from_flat({**settings, "embedding_dim": 16}), 50)
+    wide, _ = build_model(from_flat({**settings, "embedding_dim": 24}), 50)
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(),
+                                                 same.state_dict().values(), strict=True))
+    assert wide.token_embedding.weight.shape == (50, 24) and wide.lm_head.weight is \
+        wide.token_embedding.weight
+    grown = count_parameters(wide)["total"] - count_parameters(default)["total"]
+    assert grown == 50 * (24 - 16) + 2 * 24 * 16
+    x = torch.randint(0, 50, (2, 8))
+    wide.eval()
+    output = wide(x)
+    assert output.logits.shape == (2, 8, 50) and output.token_embeddings.shape == (2, 8, 16)
+    with torch.no_grad():
+        wide.embedding_out.weight.zero_()
+    torch.testing.assert_close(wide(x).logits, wide.lm_head.bias.expand(2, 8, 50))
+    with pytest.raises(ConfigError, match="embedding_dim must be >= 1"):
+        from_flat({**settings, "embedding_dim": 0})
