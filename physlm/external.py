@@ -99,17 +99,21 @@ def position_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(rows, columns=columns), results
 
 
-def position_gaps(table: pd.DataFrame, reference: str) -> pd.DataFrame | None:
-    """Each other run's loss over each band of position_table minus the `reference` run's
-    (nats): where, by tokens of context, a model falls short of the reference; None when the
-    reference run is not in the table."""
+def position_gaps(table: pd.DataFrame, target: str) -> pd.DataFrame | None:
+    """Each run's loss over each band of position_table minus that of the `target` variant's
+    run of the same seed (runs are named <variant>_s<seed>), in nats: where, by tokens of
+    context, a model falls short of the target, seed by seed; None when no run has its
+    target's run in the table."""
     losses = [column for column in table.columns if column.startswith("Loss")]
-    chosen = table["Run"] == reference
-    if not chosen.any():
+    runs = table.set_index("Run")[losses]
+    pairs = [(run, f"{target}_s{run.rpartition('_s')[2]}") for run in runs.index
+             if not run.startswith(f"{target}_s")]
+    pairs = [(run, reference) for run, reference in pairs if reference in runs.index]
+    if not pairs:
         return None
-    others = table.loc[~chosen, ["Run", *losses]].reset_index(drop=True)
-    others[losses] = (others[losses] - table.loc[chosen, losses].iloc[0]).round(3)
-    return others
+    return pd.DataFrame([{"Run": run, "Against": reference,
+                          **(runs.loc[run] - runs.loc[reference]).round(3).to_dict()}
+                         for run, reference in pairs])
 
 
 def _round(value: float | None) -> float | None:

@@ -278,7 +278,6 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
     frame = numbers(runs)
     summary = study_table(frame)
     measured = options.target in set(frame["variant"])   # the target has a finished run
-    target_run = f"{options.target}_s{options.seeds[0]}"  # its run in the position benchmark
     # The target's band, as an external reference's (physlm.external): its runs' tolerance.
     tolerance = runs[options.target][0].config.criteria.ppl_tolerance if measured else 0.0
     references = study_references(runs)
@@ -306,10 +305,10 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         floor_sentences=[] if point is None else floor_sentences(point, floor),
         external=external_sentences(options, frame, runs),
         context=[(portable(path), *context_table(path)) for path in options.context],
-        positions=[(portable(path), table, position_gaps(table, target_run))
+        positions=[(portable(path), table, position_gaps(table, options.target))
                    for path in options.position_loss
                    for table in [position_table(path)[0]]],
-        used_within=USED_WITHIN, target_run=target_run,
+        used_within=USED_WITHIN,
         target=None if not measured else (
             label(options.target), Table(target_table(summary, options.target, tolerance), KINDS),
             tolerance, f"{options.name}/target.png"),

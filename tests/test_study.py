@@ -436,11 +436,17 @@ def test_the_report_opens_with_the_operating_point(tmp_path):
     assert table["Context used, tokens"].tolist() == ["2-4", "1-1"]   # 5.2 never beats 5.1
     assert table["Gain from context"].tolist() == [0.5, 0.0]
     assert "### How much context each model uses" in frame_text
-    gaps = external.position_gaps(table, "lstm_s0")
+    gaps = external.position_gaps(table, "lstm")
     assert gaps["Run"].tolist() == ["control_s0"]                 # the target's own row goes
-    assert gaps.iloc[0, 1:].tolist() == [0.1, 0.7]                # 5.1 - 5.0, 5.2 - 4.5
-    assert external.position_gaps(table, "transformer_s0") is None
-    assert "the target's run (nats" in " ".join(frame_text.split())
+    assert gaps["Against"].tolist() == ["lstm_s0"]
+    assert gaps.iloc[0, 2:].tolist() == [0.1, 0.7]                # 5.1 - 5.0, 5.2 - 4.5
+    assert external.position_gaps(table, "transformer") is None
+    assert "the target's run of the same seed (nats" in " ".join(frame_text.split())
+    seeds = pd.DataFrame({"Run": ["lstm_s1", "control_s1", "control_s2", "lstm_s0"],
+                          "Loss, 1-1 tokens": [4.0, 4.5, 4.7, 5.0]})
+    paired = external.position_gaps(seeds, "lstm")                # seed by seed; s2 has none
+    assert paired.to_dict("list") == {"Run": ["control_s1"], "Against": ["lstm_s1"],
+                                      "Loss, 1-1 tokens": [0.5]}
     for run in (r for seeds in runs.values() for r in seeds):  # records made before them
         run.references.clear()
     text = study_report.write_study_report(options, runs).read_text()
