@@ -73,10 +73,9 @@ from typing import Any
 
 import torch
 
-from physlm.config import ModelConfig, from_flat
+from physlm.config import ModelConfig, load_config
 from physlm.model import ResNetBK
 from physlm.transformer import Transformer
-from physlm.values import read_params_file
 
 # isort: split
 from bench import environment, resolve
@@ -91,7 +90,7 @@ def params_model(variant: str) -> dict[str, Any]:
     restatement once missed the embedding init, and a head tied to the default N(0, 1)
     embedding gives logits of std ~sqrt(d_model), whose softmax underflows into float32
     denormals: the tied d_model-88 step ran 2x slower, 1.0 s against 0.48 s at std 0.02)."""
-    model = from_flat(read_params_file(HERE.parent / "params" / f"{variant}.yaml")).model
+    model = load_config(HERE.parent / "params" / f"{variant}.yaml").model
     defaults = ModelConfig()
     return {field.name: getattr(model, field.name) for field in dataclasses.fields(model)
             if getattr(model, field.name) != getattr(defaults, field.name)}

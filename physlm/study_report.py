@@ -283,11 +283,10 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
     references = study_references(runs)
     floor = count_floor(references)
     point = operating_point(frame, floor) if floor else None
-    figure = out / options.name / "val_ppl.png"
+    figure, goal_figure = out / options.name / "val_ppl.png", out / options.name / "target.png"
     curves_figure(runs).savefig(figure, dpi=plots.DPI)
     if measured:
-        target_figure(frame, options.target, tolerance).savefig(
-            out / options.name / "target.png", dpi=plots.DPI)
+        target_figure(frame, options.target, tolerance).savefig(goal_figure, dpi=plots.DPI)
     configs: dict[str, Config] = {v: seeds[0].config for v, seeds in runs.items() if seeds}
     ablation = load_ablation_runs(options)
     rows, fix_sentences = history.ablation_table(ablation) if ablation else (None, [])
@@ -311,7 +310,7 @@ def write_study_report(options: StudyOptions, runs: dict[str, list[RunData]]) ->
         used_within=USED_WITHIN,
         target=None if not measured else (
             label(options.target), Table(target_table(summary, options.target, tolerance), KINDS),
-            tolerance, f"{options.name}/target.png"),
+            tolerance, goal_figure.relative_to(out).as_posix()),
         selection=" and ".join(sorted(set(frame["selected_on"]))) or "n/a",
         optimizer_names=OPTIMIZER_NAMES,
         comparisons=Table(comparisons(frame), KINDS), phases=Table(phase_table(frame), KINDS),
